@@ -1,0 +1,1 @@
+"""Solidity contracts of the TRACE economy, their artifacts, bindings and chain client."""

@@ -1,0 +1,101 @@
+"""Configuration of every TraceChain process, read from environment variables in one place.
+
+No other module reads the environment: entry points call :func:`load_settings` once and pass
+the values they need down explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every configurable value, with its environment variable named in the README table."""
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    data_dir: Path = field(default_factory=lambda: Path(".tracechain"))
+    db_role: str = "tracechain_app"
+    log_level: str = "INFO"
+    log_json: bool = True
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_workers: int = 2
+    engine_batch_max: int = 2000
+    engine_linger_ms: float = 1.0
+    test_database_url: str | None = None
+    test_redis_url: str | None = None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+    if not minimum <= value <= maximum:
+        raise SettingsError(f"{name} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, maximum: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from exc
+    if not 0 <= value <= maximum:
+        raise SettingsError(f"{name} must be between 0 and {maximum}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+def _opt(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name)
+    return raw if raw else None
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from ``env`` (the process environment when omitted)."""
+    source: Mapping[str, str] = os.environ if env is None else env
+    level = source.get("TRACE_LOG_LEVEL", "INFO").upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise SettingsError(f"TRACE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    return Settings(
+        database_url=_opt(source, "TRACE_DATABASE_URL"),
+        redis_url=_opt(source, "TRACE_REDIS_URL"),
+        data_dir=Path(source.get("TRACE_DATA_DIR") or ".tracechain"),
+        db_role=source.get("TRACE_DB_ROLE") or "tracechain_app",
+        log_level=level,
+        log_json=_bool(source, "TRACE_LOG_JSON", True),
+        api_host=source.get("TRACE_API_HOST") or "127.0.0.1",
+        api_port=_int(source, "TRACE_API_PORT", 8000, 1, 65535),
+        api_workers=_int(source, "TRACE_API_WORKERS", 2, 1, 64),
+        engine_batch_max=_int(source, "TRACE_ENGINE_BATCH_MAX", 2000, 1, 100_000),
+        engine_linger_ms=_float(source, "TRACE_ENGINE_LINGER_MS", 1.0, 1000.0),
+        test_database_url=_opt(source, "TRACE_TEST_DATABASE_URL"),
+        test_redis_url=_opt(source, "TRACE_TEST_REDIS_URL"),
+    )

@@ -1,0 +1,1 @@
+"""Celery workers of TraceChain Settlement (the app, its tasks and the beat schedule)."""
