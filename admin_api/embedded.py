@@ -172,7 +172,12 @@ def start_postgres(data_dir: Path) -> EmbeddedService:
             if not (paths.pgdata / "PG_VERSION").exists():
                 _initdb(paths, account)
             port = _start_postgres_server(paths, account)
-        _ensure_database(port, paths.log)
+        try:
+            _ensure_database(port, paths.log)
+        except EmbeddedServiceError:
+            if started_here:  # leave no server behind that the caller cannot stop
+                _pg_ctl_quietly(paths, account, ["-m", "fast", "-w", "-t", "5", "stop"])
+            raise
 
     def stop() -> None:
         _stop_postgres(paths, account)
@@ -308,7 +313,11 @@ def _start_postgres_server(paths: _PostgresPaths, account: _Account) -> int:
             ) from exc
         if output is None:
             _write_port(paths.port_file, port)
-            _wait_for_postgres(port, paths.log)
+            try:
+                _wait_for_postgres(port, paths.log)
+            except EmbeddedServiceError:
+                _pg_ctl_quietly(paths, account, ["-m", "immediate", "-w", "-t", "5", "stop"])
+                raise
             return port
         new_log = _read_from(paths.log, log_size)
         if "could not bind" in new_log and attempt < _PORT_ATTEMPTS:
@@ -400,12 +409,26 @@ def _running_postgres_port(paths: _PostgresPaths) -> int | None:
         if fields is None or not fields[0].strip().isdigit():
             return None
         pid = int(fields[0])
-        if not _pid_alive(pid) or not _process_named(pid, "postgres"):
-            if _pid_alive(pid):
-                # Another program reuses the pid of a server that died: the lock file is stale.
-                _log.warning("removing stale %s (pid %d is not postgres)",
-                             paths.pgdata / "postmaster.pid", pid)
-                (paths.pgdata / "postmaster.pid").unlink(missing_ok=True)
+        if _pid_exists(pid) and _is_zombie(pid):
+            # A postmaster that died but is not reaped yet still holds the lock in the eyes of
+            # a new postmaster: wait for its parent (usually init) to reap it.
+            _reap(pid)
+            if time.monotonic() >= deadline:
+                raise EmbeddedServiceError(
+                    f"the PostgreSQL server (pid {pid}) of {paths.pgdata} has exited but its "
+                    f"parent has not reaped it for {START_TIMEOUT_S:.0f} s",
+                    paths.log,
+                )
+            time.sleep(_POLL_S)
+            continue
+        if not _pid_exists(pid):
+            return None  # postgres takes over a stale postmaster.pid itself
+        if not _process_named(pid, "postgres"):
+            # Another program reuses the pid of a server that died (after a reboot, say):
+            # postgres would refuse to start while that pid lives.
+            _log.warning("removing stale %s (pid %d is not postgres)",
+                         paths.pgdata / "postmaster.pid", pid)
+            (paths.pgdata / "postmaster.pid").unlink(missing_ok=True)
             return None
         status = fields[7].strip() if len(fields) > 7 else ""
         port = int(fields[3]) if len(fields) > 3 and fields[3].strip().isdigit() else None
@@ -757,8 +780,8 @@ def _write_port(port_file: Path, port: int) -> None:
     tmp.replace(port_file)
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie, dead but not yet reaped, is not)."""
+def _pid_exists(pid: int) -> bool:
+    """Whether a process (possibly a zombie) has this pid."""
     if pid <= 0:
         return False
     try:
@@ -766,13 +789,28 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass
+        return True
+    return True
+
+
+def _is_zombie(pid: int) -> bool:
     try:
         # /proc/PID/stat: "pid (comm) state ..."; comm may contain spaces and parentheses.
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
     except (OSError, IndexError):
-        return True
-    return state not in {"Z", "X"}
+        return False
+    return state in {"Z", "X"}
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, dead but not yet reaped, is not)."""
+    return _pid_exists(pid) and not _is_zombie(pid)
+
+
+def _reap(pid: int) -> None:
+    """Reap ``pid`` if it is a dead child of this process (no-op otherwise)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 def _process_named(pid: int, name: str) -> bool:

@@ -185,7 +185,15 @@ def _account_from_row(r: Any) -> Account:
         if on
     )
     return Account(
-        r[0], r[1], r[2], r[3], tuple(sorted(flags)), int(r[7]), int(r[8]), int(r[9]), int(r[10]),
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        tuple(sorted(flags)),
+        int(r[7]),
+        int(r[8]),
+        int(r[9]),
+        int(r[10]),
         r[11] if isinstance(r[11], dict) else json.loads(r[11]),
     )
 
@@ -208,7 +216,8 @@ def list_accounts(
     """Accounts ordered by code, keyset-paginated after ``after_code``."""
     if not 1 <= limit <= 1000:
         raise InvalidInput("limit must be between 1 and 1000")
-    where, params = ["true"], {"limit": limit}  # type: dict[str, Any]
+    where = ["true"]
+    params: dict[str, Any] = {"limit": limit}
     if after_code is not None:
         where.append("a.code > :after")
         params["after"] = after_code

@@ -49,15 +49,22 @@ class Poster:
                     # A concurrent batch took the same key or lock order raced: read again.
                     time.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311 - jitter only
                     continue
-                if exc.connection_invalidated or not isinstance(exc.orig, pg_errors.Error) or (
-                    isinstance(exc.orig, pg_errors.OperationalError)
+                if (
+                    exc.connection_invalidated
+                    or not isinstance(exc.orig, pg_errors.Error)
+                    or (isinstance(exc.orig, pg_errors.OperationalError))
                 ):
                     raise
                 if len(commands) == 1:
                     log.warning("ledger.batch_refused", key=commands[0].key, error=str(exc.orig))
                     return [
-                        EntryResult(commands[0].key, "rejected", None, "refused_by_database",
-                                    _first_line(str(exc.orig)))
+                        EntryResult(
+                            commands[0].key,
+                            "rejected",
+                            None,
+                            "refused_by_database",
+                            _first_line(str(exc.orig)),
+                        )
                     ]
                 log.warning("ledger.batch_split", size=len(commands), error=_first_line(str(exc.orig)))
                 return [r for c in commands for r in self.post([c])]
