@@ -224,7 +224,8 @@ def statement(
                 r[7],
                 int(r[8]),
                 normal_balance(account.kind, dp, cp),
-                dq if debit_normal else cq,
+                dq,
+                cq,
             )
         )
     opening_balance = normal_balance(account.kind, opening.debits_posted, opening.credits_posted)
