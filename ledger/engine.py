@@ -23,6 +23,8 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
+from ledger import audit
+from ledger.audit import Actor, AuditRecord
 from ledger.commands import Command, EntryResult, Leg, NewEntry, Resolve, Reverse
 from ledger.errors import LedgerError
 
@@ -99,8 +101,15 @@ def raw_connection(conn: sa.Connection) -> psycopg.Connection[Any]:
     return driver
 
 
-def post_batch(conn: sa.Connection, commands: Sequence[Command]) -> list[EntryResult]:
+def post_batch(
+    conn: sa.Connection,
+    commands: Sequence[Command],
+    actors: Sequence[Actor | None] | None = None,
+) -> list[EntryResult]:
     """Book ``commands`` in order inside the caller's transaction; one result per command.
+
+    ``actors`` (aligned with ``commands``) names who asked for each; every entry created for
+    an actor gets an audit record in the same transaction.
 
     The caller commits. If PostgreSQL refuses the batch (which the checks here should make
     impossible), the exception propagates and the caller retries the commands one by one.
@@ -109,10 +118,21 @@ def post_batch(conn: sa.Connection, commands: Sequence[Command]) -> list[EntryRe
         raise LedgerError("batch_too_large", f"at most {BATCH_MAX_COMMANDS} commands a batch")
     if not commands:
         return []
+    if actors is not None and len(actors) != len(commands):
+        raise ValueError("actors must align with commands")
     raw = raw_connection(conn)
     with raw.cursor() as cur:
-        batch = _Batch(cur, commands)
-        return batch.run()
+        results = _Batch(cur, commands).run()
+    if actors is not None:
+        audit.record(
+            conn,
+            [
+                AuditRecord(actor, f"entry.{command.kind}", f"entry:{result.key}", None, result.as_dict())
+                for command, result, actor in zip(commands, results, actors, strict=True)
+                if actor is not None and result.status == "created"
+            ],
+        )
+    return results
 
 
 class _Batch:

@@ -21,6 +21,7 @@ import structlog
 from psycopg import errors as pg_errors
 from sqlalchemy.exc import DBAPIError
 
+from ledger.audit import Actor
 from ledger.commands import Command, EntryResult
 from ledger.engine import post_batch
 
@@ -36,14 +37,19 @@ class Poster:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
 
-    def post(self, commands: Sequence[Command]) -> list[EntryResult]:
-        """Book ``commands``; returns one result per command, in order."""
+    def post(
+        self, commands: Sequence[Command], actors: Sequence[Actor | None] | None = None
+    ) -> list[EntryResult]:
+        """Book ``commands``; returns one result per command, in order.
+
+        ``actors`` (aligned with ``commands``) get an audit record per created entry.
+        """
         if not commands:
             return []
         for attempt in range(RETRY_LIMIT):
             try:
                 with self.engine.begin() as conn:
-                    return post_batch(conn, commands)
+                    return post_batch(conn, commands, actors)
             except DBAPIError as exc:
                 if isinstance(exc.orig, _RETRYABLE) and attempt + 1 < RETRY_LIMIT:
                     # A concurrent batch took the same key or lock order raced: read again.
@@ -67,7 +73,11 @@ class Poster:
                         )
                     ]
                 log.warning("ledger.batch_split", size=len(commands), error=_first_line(str(exc.orig)))
-                return [r for c in commands for r in self.post([c])]
+                return [
+                    r
+                    for i, c in enumerate(commands)
+                    for r in self.post([c], None if actors is None else [actors[i]])
+                ]
         raise RuntimeError("unreachable: retry loop ended without a result")
 
 
@@ -78,6 +88,7 @@ def _first_line(text: str) -> str:
 @dataclass(slots=True)
 class _Request:
     commands: Sequence[Command]
+    actor: Actor | None
     future: Future[list[EntryResult]]
 
 
@@ -112,14 +123,19 @@ class PostingQueue:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, commands: Sequence[Command], timeout_s: float = 60.0) -> list[EntryResult]:
-        """Book ``commands`` (in one batch, atomically per command) and wait for the results."""
+    def submit(
+        self, commands: Sequence[Command], actor: Actor | None = None, timeout_s: float = 60.0
+    ) -> list[EntryResult]:
+        """Book ``commands`` (in one batch, atomically per command) and wait for the results.
+
+        With ``actor``, every entry created gets an audit record in the same transaction.
+        """
         if self._closed:
             raise RuntimeError("the posting queue is closed")
         if not commands:
             return []
         future: Future[list[EntryResult]] = Future()
-        self._queue.put(_Request(commands, future), timeout=timeout_s)
+        self._queue.put(_Request(commands, actor, future), timeout=timeout_s)
         return future.result(timeout=timeout_s)
 
     def close(self) -> None:
@@ -158,8 +174,9 @@ class PostingQueue:
 
     def _book(self, batch: list[_Request]) -> None:
         commands = [c for request in batch for c in request.commands]
+        actors = [request.actor for request in batch for _ in request.commands]
         try:
-            results = self.poster.post(commands)
+            results = self.poster.post(commands, actors if any(actors) else None)
         except BaseException as exc:  # the submitters must hear about any failure
             for request in batch:
                 request.future.set_exception(exc)
