@@ -149,7 +149,7 @@ class _Batch:
         self.next_transfer_id = 0
         self.plan = _Plan()
         # Keys accepted earlier in this batch: key -> (content hash, entry id).
-        self.batch_keys: dict[str, tuple[bytes, int]] = {}
+        self.batch_entries: dict[str, _KnownEntry] = {}
         # Provisional entry ids of holds booked in this batch.
         self.batch_holds: set[int] = set()
 
@@ -174,12 +174,11 @@ class _Batch:
                 " amount::text, timeout_at FROM ledger_transfers WHERE entry_id = ANY(%s) ORDER BY id",
                 (ref_ids,),
             )
-            by_id = {k.id: k for k in self.known.values()}
+            key_of = {k.id: key for key, k in self.known.items()}
             for entry_id, tid, kind, debit, credit, asset, amount, timeout in self.cur.fetchall():
-                known = by_id[entry_id]
-                known.transfers.append((tid, kind, debit, credit, asset, int(amount)))
+                key = key_of[entry_id]
+                self.known[key].transfers.append((tid, kind, debit, credit, asset, int(amount)))
                 if kind == "pending":
-                    key = next(k for k, v in self.known.items() if v is known)
                     self.holds[key] = _Hold(tid, debit, credit, asset, int(amount), timeout)
 
     def _lock_accounts(self) -> None:
@@ -252,10 +251,10 @@ class _Batch:
             return _rejected(
                 key, "idempotency_conflict", f"key {key!r} was already used for a different entry"
             )
-        earlier = self.batch_keys.get(key)
+        earlier = self.batch_entries.get(key)
         if earlier is not None:
-            if earlier[0] == command.content_hash:
-                return EntryResult(key, "exists", earlier[1])
+            if earlier.content_hash == command.content_hash:
+                return EntryResult(key, "exists", earlier.id)
             return _rejected(
                 key, "idempotency_conflict", f"key {key!r} was already used for a different entry"
             )
@@ -290,7 +289,7 @@ class _Batch:
 
     def _plan_resolve(self, command: Resolve) -> list[_LegPlan]:
         if command.pending_key not in self.holds:
-            if command.pending_key in self.known or command.pending_key in self.batch_keys:
+            if command.pending_key in self.known or command.pending_key in self.batch_entries:
                 raise _Reject("not_a_hold", f"entry {command.pending_key!r} is not a hold")
             raise _Reject("unknown_pending", f"no hold was booked under {command.pending_key!r}")
         hold = self.holds[command.pending_key]
@@ -321,10 +320,8 @@ class _Batch:
         return [(command.kind, debit, credit, amount, hold.amount, hold.transfer_id)]
 
     def _plan_reverse(self, command: Reverse) -> tuple[list[_LegPlan], int]:
-        target = self.known.get(command.entry_key)
+        target = self.known.get(command.entry_key) or self.batch_entries.get(command.entry_key)
         if target is None:
-            if command.entry_key in self.batch_keys:
-                raise _Reject("not_reversible", "reverse an entry in a later batch than its own")
             raise _Reject("unknown_entry", f"no entry was booked under {command.entry_key!r}")
         if target.reversed:
             raise _Reject("already_reversed", f"entry {command.entry_key!r} was already reversed")
@@ -432,7 +429,9 @@ class _Batch:
                 *chain_cols,
             )
         )
-        self.batch_keys[command.key] = (command.content_hash, provisional)
+        self.batch_entries[command.key] = _KnownEntry(
+            provisional, command.content_hash, [(0, r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        )
         if isinstance(command, NewEntry) and command.legs[0].pending:
             # A hold booked in this batch may be resolved later in the same batch.
             self.holds[command.key] = _Hold(
@@ -440,7 +439,7 @@ class _Batch:
             )
             self.batch_holds.add(provisional)
         if isinstance(command, Reverse):
-            self.known[command.entry_key].reversed = True
+            (self.known.get(command.entry_key) or self.batch_entries[command.entry_key]).reversed = True
         if isinstance(command, Resolve):
             hold = self.holds[command.pending_key]
             if hold is not None:
@@ -469,7 +468,8 @@ class _Batch:
         }
         with self.cur.copy(f"COPY ledger_entries ({_ENTRY_COLUMNS}) FROM STDIN") as copy:
             for e in self.plan.entries:
-                copy.write_row((entry_map[e[0]], e[1], e[2], e[3], e[4], e[5], self.now, *e[6:]))
+                reverses = entry_map[e[6]] if e[6] is not None and e[6] < 0 else e[6]
+                copy.write_row((entry_map[e[0]], e[1], e[2], e[3], e[4], e[5], self.now, reverses, *e[7:]))
         with self.cur.copy(f"COPY ledger_transfers ({_TRANSFER_COLUMNS}) FROM STDIN") as copy:
             for i, t in enumerate(self.plan.transfers):
                 pending_id = t[6]
