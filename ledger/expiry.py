@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from ledger.audit import Actor
 from ledger.commands import EntryResult, Resolve
 from ledger.posting import Poster
 
 SWEEP_BATCH = 1000
 
 
-def expire_holds(poster: Poster, *, limit: int = 100_000) -> list[EntryResult]:
+def expire_holds(poster: Poster, *, limit: int = 100_000, actor: Actor | None = None) -> list[EntryResult]:
     """Expire every timed-out, unresolved hold (at most ``limit``); safe to run concurrently.
 
     Each expiry is an entry keyed ``expire:{hold entry id}``, so two sweeps racing book it once.
+    With ``actor``, each expiry gets an audit record in its own transaction.
     """
     results: list[EntryResult] = []
     while len(results) < limit:
@@ -30,7 +32,8 @@ def expire_holds(poster: Poster, *, limit: int = 100_000) -> list[EntryResult]:
             ).all()
         if not rows:
             break
-        batch = poster.post([Resolve(f"expire:{eid}", key, "expire") for eid, key in rows])
+        commands = [Resolve(f"expire:{eid}", key, "expire") for eid, key in rows]
+        batch = poster.post(commands, None if actor is None else [actor] * len(commands))
         results.extend(batch)
         if not any(r.status == "created" for r in batch):
             break  # nothing moved (e.g. a racing sweep took them): do not spin

@@ -1,0 +1,114 @@
+"""Fixtures of the admin API tests: an app on the worker database, staff keys, a small chart."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import flask
+import pytest
+import sqlalchemy as sa
+from flask.testing import FlaskClient
+
+from admin_api.app import close_app, create_app
+from admin_api.auth import ROLES, create_api_key
+from ledger import accounts
+
+
+@pytest.fixture(scope="session")
+def api_keys(app_engine: sa.Engine) -> dict[str, str]:
+    """One staff key per role on the worker database."""
+    with app_engine.begin() as conn:
+        return {role: create_api_key(conn, role, f"tests {role}") for role in ROLES}
+
+
+@pytest.fixture
+def app(app_engine: sa.Engine) -> Iterator[flask.Flask]:
+    application = create_app(engine=app_engine)
+    yield application
+    close_app(application)
+
+
+@pytest.fixture
+def client(app: flask.Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def bearer(key: str, **extra: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", **extra}
+
+
+@dataclass
+class Chart:
+    """Accounts of one test: an asset, a funding source and a few accounts to move money between."""
+
+    asset: str
+    other_asset: str
+    source: str  # equity, no limit: where money comes from
+    alice: str  # liability that may not go negative
+    bob: str  # liability that may not go negative
+    foreign: str  # an account of the other asset
+
+    def codes(self) -> list[str]:
+        return [self.source, self.alice, self.bob, self.foreign]
+
+
+@pytest.fixture
+def chart(app_engine: sa.Engine, unique: str) -> Chart:
+    asset = ("A" + unique[1:9]).upper()
+    other = ("B" + unique[1:9]).upper()
+    c = Chart(asset, other, f"{unique}:source", f"{unique}:alice", f"{unique}:bob", f"{unique}:foreign")
+    guarded = ["credits_must_not_exceed_debits"]
+    with app_engine.begin() as conn:
+        accounts.create_asset(conn, asset, 6)
+        accounts.create_asset(conn, other, 0)
+        accounts.create_account(conn, c.source, asset, "equity")
+        accounts.create_account(conn, c.alice, asset, "liability", ["debits_must_not_exceed_credits"])
+        accounts.create_account(conn, c.bob, asset, "liability", ["debits_must_not_exceed_credits"])
+        accounts.create_account(conn, c.foreign, other, "asset", guarded)
+    return c
+
+
+def snapshot(engine: sa.Engine, codes: list[str] | None = None) -> dict[str, Any]:
+    """Row counts of every ledger table, and the balances of ``codes``: what must not change."""
+    with engine.connect() as conn:
+        counts = conn.execute(
+            sa.text(
+                "SELECT (SELECT count(*) FROM ledger_assets), (SELECT count(*) FROM ledger_accounts),"
+                " (SELECT count(*) FROM ledger_entries), (SELECT count(*) FROM ledger_transfers),"
+                " (SELECT count(*) FROM audit_log),"
+                " (SELECT count(*) FROM ledger_accounts WHERE closed)"
+            )
+        ).one()
+        balances = {
+            a.code: (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending, a.flags)
+            for a in (accounts.get_account(conn, code) for code in codes or [])
+        }
+    return {"counts": tuple(counts), "balances": balances}
+
+
+def audit_rows(engine: sa.Engine, target: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT actor, role, action, target, before, after, request_id, ip FROM audit_log"
+                " WHERE target = :t ORDER BY id"
+            ),
+            {"t": target},
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+def assert_problem(response: Any, status: int, code: str) -> dict[str, Any]:
+    """The response is a problem+json of ``status`` and ``code`` with every RFC 9457 member."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.headers["Content-Type"] == "application/problem+json"
+    body: dict[str, Any] = response.get_json(force=True)
+    assert body["status"] == status
+    assert body["code"] == code
+    assert body["type"] == f"/problems/{code}"
+    assert body["title"] and body["detail"]
+    assert body["instance"] == response.request.path
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    return body
