@@ -29,6 +29,7 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_workers: int = 2
+    api_threads: int = 8
     engine_batch_max: int = 2000
     engine_linger_ms: float = 1.0
     test_database_url: str | None = None
@@ -94,6 +95,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         api_host=source.get("TRACE_API_HOST") or "127.0.0.1",
         api_port=_int(source, "TRACE_API_PORT", 8000, 1, 65535),
         api_workers=_int(source, "TRACE_API_WORKERS", 2, 1, 64),
+        api_threads=_int(source, "TRACE_API_THREADS", 8, 1, 256),
         engine_batch_max=_int(source, "TRACE_ENGINE_BATCH_MAX", 2000, 1, 100_000),
         engine_linger_ms=_float(source, "TRACE_ENGINE_LINGER_MS", 1.0, 1000.0),
         test_database_url=_opt(source, "TRACE_TEST_DATABASE_URL"),

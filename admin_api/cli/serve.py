@@ -33,6 +33,9 @@ def _gunicorn_options(settings: Settings) -> dict[str, Any]:
     return {
         "bind": f"{settings.api_host}:{settings.api_port}",
         "workers": settings.api_workers,
+        # Threads let concurrent requests of one worker share a posting batch (coalescing).
+        "worker_class": "gthread",
+        "threads": settings.api_threads,
         "proc_name": "tracechain-web",
         "loglevel": settings.log_level.lower(),
         "errorlog": "-",
