@@ -1,0 +1,17 @@
+"""`tracechain bench`: benchmarks that print figures (they are never timed tests)."""
+
+from __future__ import annotations
+
+import click
+
+from admin_api.bench.ledger import ledger_bench
+
+
+@click.group()
+def bench() -> None:
+    """Measure how fast the product is on this machine."""
+
+
+bench.add_command(ledger_bench)
+
+__all__ = ["bench"]
