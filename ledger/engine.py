@@ -197,7 +197,8 @@ class _Batch:
             "SELECT a.id, a.code, a.asset_id, a.debits_must_not_exceed_credits,"
             " a.credits_must_not_exceed_debits, a.closed, a.debits_posted::text,"
             " a.credits_posted::text, a.debits_pending::text, a.credits_pending::text"
-            " FROM ledger_accounts a WHERE a.code = ANY(%s) OR a.id = ANY(%s)"
+            " FROM ledger_accounts a WHERE a.id IN (SELECT x.id FROM ledger_accounts x"
+            " WHERE x.code = ANY(%s) UNION ALL SELECT unnest(%s::bigint[]))"
             " ORDER BY a.id FOR UPDATE",
             (list(codes), list(ids)),
         )

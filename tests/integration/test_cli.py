@@ -306,11 +306,11 @@ def test_check_passes_then_fails_after_a_balance_is_tampered_with(run: Run, book
     assert report["ok"] is True and report["entries"] == SAMPLE_CREATED - 8
     assert report["trial_balance"]["TRACE"]["balanced"] is True
 
-    # The superuser can get past the guard trigger; the check must notice.
+    # The superuser can get past the balance guard trigger; the check must notice.
     with psycopg.connect(db.libpq_url(booked), autocommit=True) as conn:
-        conn.execute("ALTER TABLE ledger_accounts DISABLE TRIGGER ledger_accounts_guard")
+        conn.execute("ALTER TABLE ledger_accounts DISABLE TRIGGER ledger_accounts_balances_by_transfers")
         conn.execute("UPDATE ledger_accounts SET credits_posted = credits_posted + 1 WHERE code = 'user:bob'")
-        conn.execute("ALTER TABLE ledger_accounts ENABLE TRIGGER ledger_accounts_guard")
+        conn.execute("ALTER TABLE ledger_accounts ENABLE TRIGGER ledger_accounts_balances_by_transfers")
     broken = run(["ledger", "check"], booked)
     assert broken.exit_code == 1
     report = json.loads(broken.stdout)
@@ -433,7 +433,7 @@ def test_console_script_imports_and_checks(sample: Path, fresh_db_url: str) -> N
     assert json.loads(checked.stdout)["ok"] is True
 
     with sa.create_engine(db.sqlalchemy_url(fresh_db_url)).connect() as conn:
-        conn.execute(sa.text("ALTER TABLE ledger_accounts DISABLE TRIGGER ledger_accounts_guard"))
+        conn.execute(sa.text("ALTER TABLE ledger_accounts DISABLE TRIGGER ledger_accounts_balances_by_transfers"))
         conn.execute(sa.text("UPDATE ledger_accounts SET debits_pending = 1 WHERE code = 'treasury'"))
         conn.commit()
     broken = _script(env, "ledger", "check")
