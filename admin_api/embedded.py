@@ -183,8 +183,7 @@ def start_postgres(data_dir: Path) -> EmbeddedService:
         _stop_postgres(paths, account)
 
     url = f"postgresql+psycopg://{POSTGRES_SUPERUSER}@{HOST}:{port}/{DATABASE_NAME}"
-    _log.info("postgres %s at %s (pgdata %s)", "started" if started_here else "reused", url,
-              paths.pgdata)
+    _log.info("postgres %s at %s (pgdata %s)", "started" if started_here else "reused", url, paths.pgdata)
     return EmbeddedService(
         name="postgres",
         url=url,
@@ -223,8 +222,17 @@ def _system_user(name: str, *, create: bool = True) -> pwd.struct_passwd | None:
         return pwd.getpwnam(name)
     if not create:
         return None
-    command = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-               "--shell", "/usr/sbin/nologin", "--user-group", name]
+    command = [
+        "useradd",
+        "--system",
+        "--no-create-home",
+        "--home-dir",
+        "/nonexistent",
+        "--shell",
+        "/usr/sbin/nologin",
+        "--user-group",
+        name,
+    ]
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -260,22 +268,34 @@ def _ensure_traversable(path: Path, account: _Account) -> None:
         else:
             bit = stat.S_IXOTH
         if not st.st_mode & bit:
-            _log.warning("adding search permission to %s so that %s can reach %s",
-                         parent, account.name, path)
+            _log.warning("adding search permission to %s so that %s can reach %s", parent, account.name, path)
             parent.chmod(stat.S_IMODE(st.st_mode) | bit)
 
 
 def _initdb(paths: _PostgresPaths, account: _Account) -> None:
     command = [
-        str(paths.bin_dir / "initdb"), "-D", str(paths.pgdata), "-U", POSTGRES_SUPERUSER,
-        "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-instructions",
+        str(paths.bin_dir / "initdb"),
+        "-D",
+        str(paths.pgdata),
+        "-U",
+        POSTGRES_SUPERUSER,
+        "--auth=trust",
+        "--encoding=UTF8",
+        "--no-locale",
+        "--no-instructions",
     ]
     _log.info("initdb %s", paths.pgdata)
     with paths.initdb_log.open("ab") as log:
         try:
             result = subprocess.run(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=paths.pgdata, env=_subprocess_env(), timeout=INITDB_TIMEOUT_S, check=False,
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=paths.pgdata,
+                env=_subprocess_env(),
+                timeout=INITDB_TIMEOUT_S,
+                check=False,
                 **account.popen_kwargs(),
             )
         except subprocess.TimeoutExpired as exc:
@@ -300,9 +320,9 @@ def _start_postgres_server(paths: _PostgresPaths, account: _Account) -> int:
         options = f"-c listen_addresses={HOST} -c port={port} -c unix_socket_directories=''"
         try:
             output = _pg_ctl(
-                paths, account,
-                ["-l", str(paths.log), "-w", "-t", str(int(START_TIMEOUT_S)), "-o", options,
-                 "start"],
+                paths,
+                account,
+                ["-l", str(paths.log), "-w", "-t", str(int(START_TIMEOUT_S)), "-o", options, "start"],
                 timeout=START_TIMEOUT_S + 5,
             )
         except subprocess.TimeoutExpired as exc:
@@ -331,9 +351,7 @@ def _start_postgres_server(paths: _PostgresPaths, account: _Account) -> int:
     raise AssertionError("unreachable")
 
 
-def _pg_ctl(
-    paths: _PostgresPaths, account: _Account, args: list[str], timeout: float
-) -> str | None:
+def _pg_ctl(paths: _PostgresPaths, account: _Account, args: list[str], timeout: float) -> str | None:
     """Run pg_ctl; None on success, else its output.
 
     Its output goes to a temporary file rather than a pipe: the server it forks could otherwise
@@ -343,9 +361,16 @@ def _pg_ctl(
     with tempfile.TemporaryFile("w+b") as out:
         try:
             result = subprocess.run(
-                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=paths.pgdata, env=_subprocess_env(), timeout=timeout, check=False,
-                start_new_session=True, **account.popen_kwargs(),
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=paths.pgdata,
+                env=_subprocess_env(),
+                timeout=timeout,
+                check=False,
+                start_new_session=True,
+                **account.popen_kwargs(),
             )
         except OSError as exc:
             raise EmbeddedServiceError(f"cannot run pg_ctl: {exc}", paths.log) from exc
@@ -366,7 +391,9 @@ def _stop_postgres(paths: _PostgresPaths, account: _Account) -> None:
             return
         try:
             output = _pg_ctl(
-                paths, account, ["-m", "fast", "-w", "-t", str(int(STOP_TIMEOUT_S)), "stop"],
+                paths,
+                account,
+                ["-m", "fast", "-w", "-t", str(int(STOP_TIMEOUT_S)), "stop"],
                 timeout=STOP_TIMEOUT_S + 5,
             )
         except subprocess.TimeoutExpired:
@@ -426,8 +453,7 @@ def _running_postgres_port(paths: _PostgresPaths) -> int | None:
         if not _process_named(pid, "postgres"):
             # Another program reuses the pid of a server that died (after a reboot, say):
             # postgres would refuse to start while that pid lives.
-            _log.warning("removing stale %s (pid %d is not postgres)",
-                         paths.pgdata / "postmaster.pid", pid)
+            _log.warning("removing stale %s (pid %d is not postgres)", paths.pgdata / "postmaster.pid", pid)
             (paths.pgdata / "postmaster.pid").unlink(missing_ok=True)
             return None
         status = fields[7].strip() if len(fields) > 7 else ""
@@ -446,7 +472,11 @@ def _running_postgres_port(paths: _PostgresPaths) -> int | None:
 
 def _connect_postgres(port: int, dbname: str = "postgres") -> psycopg.Connection[Any]:
     return psycopg.connect(
-        host=HOST, port=port, user=POSTGRES_SUPERUSER, dbname=dbname, connect_timeout=2,
+        host=HOST,
+        port=port,
+        user=POSTGRES_SUPERUSER,
+        dbname=dbname,
+        connect_timeout=2,
         autocommit=True,
     )
 
@@ -479,9 +509,7 @@ def _wait_for_postgres(port: int, log_path: Path) -> None:
 def _ensure_database(port: int, log_path: Path) -> None:
     try:
         with _connect_postgres(port) as conn:
-            exists = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)
-            ).fetchone()
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone()
             if exists is None:
                 with contextlib.suppress(pg_errors.DuplicateDatabase):
                     create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE_NAME))
@@ -540,8 +568,7 @@ def start_redis(data_dir: Path) -> EmbeddedService:
         _stop_redis(paths, port, process)
 
     url = f"redis://{HOST}:{port}/0"
-    _log.info("redis %s at %s (dir %s)", "started" if started_here else "reused", url,
-              paths.workdir)
+    _log.info("redis %s at %s (dir %s)", "started" if started_here else "reused", url, paths.workdir)
     return EmbeddedService(
         name="redis",
         url=url,
@@ -555,7 +582,10 @@ def _redis_client(port: int) -> redis.Redis[bytes]:
     # No retries: a refused connection must fail at once while polling, and SHUTDOWN closes
     # the connection by design (the default policy would retry it with backoff).
     return redis.Redis(
-        host=HOST, port=port, socket_connect_timeout=1, socket_timeout=2,
+        host=HOST,
+        port=port,
+        socket_connect_timeout=1,
+        socket_timeout=2,
         retry=Retry(NoBackoff(), 0),
     )
 
@@ -603,8 +633,7 @@ def _running_redis_port(paths: _RedisPaths) -> int | None:
             return None
         if time.monotonic() >= deadline:
             raise EmbeddedServiceError(
-                f"redis-server (pid {pid}) runs from {paths.workdir} but does not answer on "
-                f"{HOST}:{port}",
+                f"redis-server (pid {pid}) runs from {paths.workdir} but does not answer on {HOST}:{port}",
                 paths.log,
             )
         time.sleep(_POLL_S)
@@ -612,31 +641,46 @@ def _running_redis_port(paths: _RedisPaths) -> int | None:
 
 def _start_redis_server(paths: _RedisPaths) -> tuple[subprocess.Popen[bytes], int]:
     if not os.access(paths.server, os.X_OK):
-        raise EmbeddedServiceError(f"redis-server binary not found or not executable: "
-                                   f"{paths.server}")
+        raise EmbeddedServiceError(f"redis-server binary not found or not executable: {paths.server}")
     paths.workdir.mkdir(mode=0o700, exist_ok=True)
     for attempt in range(1, _PORT_ATTEMPTS + 1):
         port = _choose_port(paths.port_file)
         command = [
             str(paths.server),
-            "--bind", HOST,
-            "--port", str(port),
-            "--protected-mode", "yes",
-            "--dir", str(paths.workdir),
-            "--pidfile", str(paths.pidfile),
-            "--logfile", str(paths.log),
-            "--daemonize", "no",
-            "--appendonly", "yes",
-            "--appendfilename", "appendonly.aof",
-            "--appendfsync", "everysec",
-            "--save", "",
+            "--bind",
+            HOST,
+            "--port",
+            str(port),
+            "--protected-mode",
+            "yes",
+            "--dir",
+            str(paths.workdir),
+            "--pidfile",
+            str(paths.pidfile),
+            "--logfile",
+            str(paths.log),
+            "--daemonize",
+            "no",
+            "--appendonly",
+            "yes",
+            "--appendfilename",
+            "appendonly.aof",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
         ]
         log_size = paths.log.stat().st_size if paths.log.exists() else 0
         with paths.log.open("ab") as log:
             try:
                 process = subprocess.Popen(
-                    command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    cwd=paths.workdir, env=_subprocess_env(), start_new_session=True,
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=paths.workdir,
+                    env=_subprocess_env(),
+                    start_new_session=True,
                 )
             except OSError as exc:
                 raise EmbeddedServiceError(f"cannot run {paths.server}: {exc}", paths.log) from exc
@@ -648,8 +692,8 @@ def _start_redis_server(paths: _RedisPaths) -> tuple[subprocess.Popen[bytes], in
             if time.monotonic() >= deadline:
                 _terminate(process)
                 raise EmbeddedServiceError(
-                    f"redis-server did not answer on {HOST}:{port} within "
-                    f"{START_TIMEOUT_S:.0f} s", paths.log,
+                    f"redis-server did not answer on {HOST}:{port} within {START_TIMEOUT_S:.0f} s",
+                    paths.log,
                 )
             time.sleep(_POLL_S)
         new_log = _read_from(paths.log, log_size)
@@ -658,8 +702,7 @@ def _start_redis_server(paths: _RedisPaths) -> tuple[subprocess.Popen[bytes], in
             paths.port_file.unlink(missing_ok=True)
             continue
         raise EmbeddedServiceError(
-            f"redis-server exited with code {process.returncode} while starting on "
-            f"{HOST}:{port}",
+            f"redis-server exited with code {process.returncode} while starting on {HOST}:{port}",
             paths.log,
         )
     raise AssertionError("unreachable")
@@ -682,8 +725,8 @@ def _stop_redis(paths: _RedisPaths, port: int, process: subprocess.Popen[bytes] 
             except subprocess.TimeoutExpired:
                 _terminate(process)
                 raise EmbeddedServiceError(
-                    f"redis-server (pid {process.pid}) did not stop within "
-                    f"{STOP_TIMEOUT_S:.0f} s; killed", paths.log,
+                    f"redis-server (pid {process.pid}) did not stop within {STOP_TIMEOUT_S:.0f} s; killed",
+                    paths.log,
                 ) from None
         _log.info("redis stopped (dir %s)", paths.workdir)
 
@@ -850,4 +893,3 @@ def _log_tail(path: Path) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-_LOG_TAIL_LINES:])
-

@@ -74,9 +74,19 @@ _PENDING_TOTAL = "SELECT coalesce(sum(debits_pending), 0)::text FROM ledger_acco
 def check_ledger(conn: sa.Connection) -> dict[str, Any]:
     """Recompute every balance, the trial balance per asset, flags and holds.
 
-    Runs in one REPEATABLE READ snapshot when the caller's transaction allows it, so a busy
-    ledger is checked at one consistent point. Returns a JSON-ready summary with ``ok``.
+    Every query must read the same snapshot, or a transfer committed between two of them
+    would look like a break on a healthy ledger: on a connection with no transaction open,
+    the check opens a REPEATABLE READ one; inside the caller's transaction, that transaction
+    must be REPEATABLE READ or stronger. Returns a JSON-ready summary with ``ok``.
     """
+    if conn.in_transaction():
+        return _check(conn)
+    conn.execution_options(isolation_level="REPEATABLE READ")
+    with conn.begin():
+        return _check(conn)
+
+
+def _check(conn: sa.Connection) -> dict[str, Any]:
     breaks: list[dict[str, Any]] = []
     for row in conn.execute(sa.text(_RECOMPUTED)):
         breaks.append(

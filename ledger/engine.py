@@ -16,7 +16,7 @@ a bug here can only make a batch fail, never make the books wrong.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,10 +25,17 @@ import sqlalchemy as sa
 
 from ledger import audit
 from ledger.audit import Actor, AuditRecord
-from ledger.commands import Command, EntryResult, Leg, NewEntry, Resolve, Reverse
+from ledger.commands import (
+    BATCH_MAX_COMMANDS,
+    MAX_LEGS,
+    Command,
+    EntryResult,
+    Leg,
+    NewEntry,
+    Resolve,
+    Reverse,
+)
 from ledger.errors import LedgerError
-
-BATCH_MAX_COMMANDS = 20_000
 
 _ENTRY_COLUMNS = (
     "id, idempotency_key, kind, content_hash, metadata, effective_at, posted_at,"
@@ -145,13 +152,14 @@ class _Batch:
         self.accounts_by_id: dict[int, _Account] = {}
         self.asset_ids: dict[str, int] = {}
         self.now: datetime
-        self.next_entry_id = 0
-        self.next_transfer_id = 0
+        # Ids drawn from the sequences once the accounts are locked, used in batch order.
+        self.entry_ids: list[int] = []
+        self.transfer_ids: list[int] = []
+        self.next_entry = 0
+        self.next_transfer = 0
         self.plan = _Plan()
         # Keys accepted earlier in this batch: key -> (content hash, entry id).
         self.batch_entries: dict[str, _KnownEntry] = {}
-        # Provisional entry ids of holds booked in this batch.
-        self.batch_holds: set[int] = set()
 
     # --- reading -------------------------------------------------------------------------
 
@@ -206,12 +214,31 @@ class _Batch:
             account = _Account(row[0], row[1], row[2], row[3], row[4], row[5], [int(v) for v in row[6:10]])
             self.accounts_by_code[account.code] = account
             self.accounts_by_id[account.id] = account
-        # Holds resolved by others before we took the locks are now visible.
+        self._read_clock_and_ids()
+
+    def _read_clock_and_ids(self) -> None:
+        """Once the accounts are locked: the booking time, fresh ids, holds already resolved.
+
+        Taken after the locks, the booking time and the ids of a batch come after those of
+        every earlier batch on the same accounts, so each account's history is ordered by both.
+        """
         hold_ids = [h.transfer_id for h in self.holds.values() if h is not None]
+        n_transfers = 0
+        for c in self.commands:
+            if isinstance(c, NewEntry):
+                n_transfers += len(c.legs)
+            elif isinstance(c, Resolve):
+                n_transfers += 1
+            else:
+                target = self.known.get(c.entry_key)
+                n_transfers += len(target.transfers) if target is not None else MAX_LEGS
         self.cur.execute(
-            "SELECT clock_timestamp(), (SELECT coalesce(array_agg(pending_id), '{}')"
-            " FROM ledger_transfers WHERE pending_id = ANY(%s))",
-            (hold_ids,),
+            "SELECT clock_timestamp(),"
+            " (SELECT coalesce(array_agg(pending_id), '{}') FROM ledger_transfers"
+            "  WHERE pending_id = ANY(%s)),"
+            " (SELECT array_agg(nextval('ledger_entries_id_seq')) FROM generate_series(1, %s)),"
+            " (SELECT array_agg(nextval('ledger_transfers_id_seq')) FROM generate_series(1, %s))",
+            (hold_ids, len(self.commands), n_transfers),
         )
         row = self.cur.fetchone()
         if row is None:
@@ -221,6 +248,9 @@ class _Batch:
         for hold in self.holds.values():
             if hold is not None and hold.transfer_id in resolved:
                 hold.resolved = True
+        # Ids of rejected commands are never used: a gap, as any sequence may leave.
+        self.entry_ids = sorted(row[2])
+        self.transfer_ids = sorted(row[3] or [])
 
     def _load_assets(self) -> None:
         self.cur.execute("SELECT code, id FROM ledger_assets")
@@ -233,15 +263,10 @@ class _Batch:
         self._lock_accounts()
         if any(isinstance(c, NewEntry) and any(leg.asset for leg in c.legs) for c in self.commands):
             self._load_assets()
-        # Entries get provisional negative ids; real ones are drawn from the sequence at insert.
         results = [self._one(c) for c in self.commands]
-        if not self.plan.entries:
-            return results
-        entry_map = self._insert()
-        return [
-            replace(r, entry_id=entry_map[r.entry_id]) if r.entry_id is not None and r.entry_id < 0 else r
-            for r in results
-        ]
+        if self.plan.entries:
+            self._insert()
+        return results
 
     def _one(self, command: Command) -> EntryResult:
         key = command.key
@@ -393,18 +418,20 @@ class _Batch:
                 )
         for account_id, bal in touched.items():
             self.accounts_by_id[account_id].balances = bal
-        self.next_entry_id += 1
-        provisional = -self.next_entry_id
+        entry_id = self.entry_ids[self.next_entry]
+        self.next_entry += 1
         timeout_at = None
         if isinstance(command, NewEntry) and command.legs[0].timeout_s is not None:
             timeout_at = self.now + timedelta(seconds=command.legs[0].timeout_s)
         chain = command.chain if isinstance(command, NewEntry) else None
         block = chain.block_number if chain is not None else None
+        first_transfer_id = self.transfer_ids[self.next_transfer]
         for row in rows:
             kind, debit_id, credit_id, asset_id, amount, pending_id = row[:6]
             self.plan.transfers.append(
                 [
-                    provisional,
+                    self.transfer_ids[self.next_transfer],
+                    entry_id,
                     kind,
                     debit_id,
                     credit_id,
@@ -412,90 +439,53 @@ class _Batch:
                     amount,
                     pending_id,
                     timeout_at if kind == "pending" else None,
+                    self.now,
                     block,
                     *row[6:],
                 ]
             )
+            self.next_transfer += 1
         effective = getattr(command, "effective_at", None) or self.now
         chain_cols = chain.as_list() if chain is not None else [None] * 5
         self.plan.entries.append(
             (
-                provisional,
+                entry_id,
                 command.key,
                 command.kind,
                 command.content_hash,
                 command.metadata_json,
                 effective,
+                self.now,
                 reverses,
                 *chain_cols,
             )
         )
         self.batch_entries[command.key] = _KnownEntry(
-            provisional, command.content_hash, [(0, r[0], r[1], r[2], r[3], r[4]) for r in rows]
+            entry_id, command.content_hash, [(0, r[0], r[1], r[2], r[3], r[4]) for r in rows]
         )
         if isinstance(command, NewEntry) and command.legs[0].pending:
             # A hold booked in this batch may be resolved later in the same batch.
             self.holds[command.key] = _Hold(
-                provisional, rows[0][1], rows[0][2], rows[0][3], rows[0][4], timeout_at
+                first_transfer_id, rows[0][1], rows[0][2], rows[0][3], rows[0][4], timeout_at
             )
-            self.batch_holds.add(provisional)
         if isinstance(command, Reverse):
             (self.known.get(command.entry_key) or self.batch_entries[command.entry_key]).reversed = True
         if isinstance(command, Resolve):
             hold = self.holds[command.pending_key]
             if hold is not None:
                 hold.resolved = True
-        return provisional
+        return entry_id
 
     # --- writing -------------------------------------------------------------------------
 
-    def _insert(self) -> dict[int, int]:
-        """Insert the planned rows; returns provisional entry id -> real entry id."""
-        n_entries, n_transfers = len(self.plan.entries), len(self.plan.transfers)
-        self.cur.execute(
-            "SELECT (SELECT array_agg(nextval('ledger_entries_id_seq')) FROM generate_series(1, %s)),"
-            " (SELECT array_agg(nextval('ledger_transfers_id_seq')) FROM generate_series(1, %s))",
-            (n_entries, n_transfers),
-        )
-        row = self.cur.fetchone()
-        if row is None:
-            raise RuntimeError("id allocation returned nothing")
-        # Ascending ids in batch order keep each account's history ordered by id.
-        entry_ids: list[int] = sorted(row[0])
-        transfer_ids: list[int] = sorted(row[1])
-        entry_map = {-(i + 1): eid for i, eid in enumerate(entry_ids)}
-        hold_ids = {
-            t[0]: transfer_ids[i] for i, t in enumerate(self.plan.transfers) if t[0] in self.batch_holds
-        }
+    def _insert(self) -> None:
+        """Insert the planned entries and transfers: two COPY statements."""
         with self.cur.copy(f"COPY ledger_entries ({_ENTRY_COLUMNS}) FROM STDIN") as copy:
-            for e in self.plan.entries:
-                reverses = entry_map[e[6]] if e[6] is not None and e[6] < 0 else e[6]
-                copy.write_row((entry_map[e[0]], e[1], e[2], e[3], e[4], e[5], self.now, reverses, *e[7:]))
+            for entry in self.plan.entries:
+                copy.write_row(entry)
         with self.cur.copy(f"COPY ledger_transfers ({_TRANSFER_COLUMNS}) FROM STDIN") as copy:
-            for i, t in enumerate(self.plan.transfers):
-                pending_id = t[6]
-                if pending_id is not None and pending_id < 0:
-                    pending_id = hold_ids[pending_id]
-                copy.write_row(
-                    (
-                        transfer_ids[i],
-                        entry_map[t[0]],
-                        t[1],
-                        t[2],
-                        t[3],
-                        t[4],
-                        t[5],
-                        pending_id,
-                        t[7],
-                        self.now,
-                        t[8],
-                        t[9],
-                        t[10],
-                        t[11],
-                        t[12],
-                    )
-                )
-        return entry_map
+            for transfer in self.plan.transfers:
+                copy.write_row(transfer)
 
 
 def _check_pair(debit: _Account, credit: _Account, leg: Leg, asset_ids: dict[str, int]) -> None:

@@ -41,6 +41,7 @@ from ledger.audit import Actor
 from ledger.commands import (
     ACCOUNT_FLAGS,
     ACCOUNT_KINDS,
+    BATCH_MAX_COMMANDS,
     ChainRef,
     Command,
     Leg,
@@ -53,7 +54,6 @@ from ledger.commands import (
     check_entry_kind,
     check_key,
 )
-from ledger.engine import BATCH_MAX_COMMANDS
 from ledger.errors import InvalidInput, LedgerError
 from ledger.money import parse_amount
 from ledger.posting import Poster

@@ -42,6 +42,8 @@ def to_display(amount: int, scale: int) -> str:
 
 def from_display(text: str, scale: int) -> int:
     """Parse "12.5" into base units; refuses more decimals than ``scale`` (no silent rounding)."""
+    if not isinstance(text, str):
+        raise InvalidInput("a display amount must be a decimal string, never a float")
     with localcontext() as ctx:
         ctx.prec = 120
         try:

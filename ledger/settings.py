@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ledger.commands import BATCH_MAX_COMMANDS
+
 
 class SettingsError(ValueError):
     """An environment variable holds a value that cannot be used."""
@@ -31,7 +33,7 @@ class Settings:
     api_workers: int = 2
     api_threads: int = 8
     engine_batch_max: int = 2000
-    engine_linger_ms: float = 1.0
+    engine_linger_ms: float = 0.0
     test_database_url: str | None = None
     test_redis_url: str | None = None
 
@@ -96,8 +98,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         api_port=_int(source, "TRACE_API_PORT", 8000, 1, 65535),
         api_workers=_int(source, "TRACE_API_WORKERS", 2, 1, 64),
         api_threads=_int(source, "TRACE_API_THREADS", 8, 1, 256),
-        engine_batch_max=_int(source, "TRACE_ENGINE_BATCH_MAX", 2000, 1, 100_000),
-        engine_linger_ms=_float(source, "TRACE_ENGINE_LINGER_MS", 1.0, 1000.0),
+        engine_batch_max=_int(source, "TRACE_ENGINE_BATCH_MAX", 2000, 1, BATCH_MAX_COMMANDS),
+        engine_linger_ms=_float(source, "TRACE_ENGINE_LINGER_MS", 0.0, 1000.0),
         test_database_url=_opt(source, "TRACE_TEST_DATABASE_URL"),
         test_redis_url=_opt(source, "TRACE_TEST_REDIS_URL"),
     )

@@ -156,10 +156,13 @@ def test_import_reports_each_line_and_rerun_creates_nothing(
 
 
 def test_import_from_stdin(run: Run, fresh_db_url: str) -> None:
-    # A batch size above the engine's own limit is capped, not passed on to fail.
-    result = run(
+    # A batch size above the engine's own limit is a configuration error: usage, nothing booked.
+    refused = run(
         ["ledger", "import", "-"], fresh_db_url, input=_jsonl(SAMPLE[:9]), TRACE_ENGINE_BATCH_MAX="100000"
     )
+    assert refused.exit_code == 2
+    assert "TRACE_ENGINE_BATCH_MAX" in refused.output
+    result = run(["ledger", "import", "-"], fresh_db_url, input=_jsonl(SAMPLE[:9]))
     assert result.exit_code == 0, result.output
     assert _records(result)[-1]["summary"]["created"] == 9
     balance = run(["ledger", "balance", "user:alice"], fresh_db_url)
@@ -433,7 +436,9 @@ def test_console_script_imports_and_checks(sample: Path, fresh_db_url: str) -> N
     assert json.loads(checked.stdout)["ok"] is True
 
     with sa.create_engine(db.sqlalchemy_url(fresh_db_url)).connect() as conn:
-        conn.execute(sa.text("ALTER TABLE ledger_accounts DISABLE TRIGGER ledger_accounts_balances_by_transfers"))
+        conn.execute(
+            sa.text("ALTER TABLE ledger_accounts DISABLE TRIGGER ledger_accounts_balances_by_transfers")
+        )
         conn.execute(sa.text("UPDATE ledger_accounts SET debits_pending = 1 WHERE code = 'treasury'"))
         conn.commit()
     broken = _script(env, "ledger", "check")

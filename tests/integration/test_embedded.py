@@ -59,9 +59,7 @@ def services() -> Iterator[_Services]:
         started.stop_all()
 
 
-def test_services_persist_across_restarts_and_are_reused(
-    tmp_path: Path, services: _Services
-) -> None:
+def test_services_persist_across_restarts_and_are_reused(tmp_path: Path, services: _Services) -> None:
     data_dir = tmp_path / "data"
 
     pg = services.postgres(data_dir)
