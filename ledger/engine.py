@@ -270,14 +270,8 @@ class _Batch:
 
     def _one(self, command: Command) -> EntryResult:
         key = command.key
-        known = self.known.get(key)
-        if known is not None:
-            if known.content_hash == command.content_hash:
-                return EntryResult(key, "exists", known.id)
-            return _rejected(
-                key, "idempotency_conflict", f"key {key!r} was already used for a different entry"
-            )
-        earlier = self.batch_entries.get(key)
+        # Booked before (committed) or earlier in this batch: the same key books nothing new.
+        earlier = self.known.get(key) or self.batch_entries.get(key)
         if earlier is not None:
             if earlier.content_hash == command.content_hash:
                 return EntryResult(key, "exists", earlier.id)
