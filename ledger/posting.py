@@ -86,22 +86,31 @@ def _first_line(text: str) -> str:
 
 @dataclass(slots=True)
 class _Request:
-    commands: Sequence[Command]
+    """One submit: its commands may be booked in different batches, each atomically."""
+
     actor: Actor | None
     future: Future[list[EntryResult]]
-    # Account codes the commands touch; None when they cannot be known before reading the
-    # ledger (posting a hold, reversing an entry): such a request runs with no batch beside it.
+    results: list[EntryResult | None]
+    remaining: int
+
+
+@dataclass(slots=True)
+class _Item:
+    request: _Request
+    index: int
+    command: Command
+    # Account codes the command touches; None when they cannot be known before reading the
+    # ledger (resolving a hold, reversing an entry): such a command runs with no batch beside it.
     codes: frozenset[str] | None
 
 
-def _codes_of(commands: Sequence[Command]) -> frozenset[str] | None:
+def _codes_of(command: Command) -> frozenset[str] | None:
+    if not isinstance(command, NewEntry):
+        return None
     codes: set[str] = set()
-    for command in commands:
-        if not isinstance(command, NewEntry):
-            return None
-        for leg in command.legs:
-            codes.add(leg.debit)
-            codes.add(leg.credit)
+    for leg in command.legs:
+        codes.add(leg.debit)
+        codes.add(leg.credit)
     return frozenset(codes)
 
 
@@ -109,11 +118,12 @@ class PostingQueue:
     """Coalesces concurrent submissions into engine batches.
 
     ``submit`` blocks until its commands are booked and returns their results. Drainer threads
-    take up to ``batch_max`` commands (waiting at most ``linger_ms`` for more once one request
-    is in) and book them as one batch. Several drainers book at once only batches that share
-    no account, so one batch's checks in Python overlap another's work in PostgreSQL instead
-    of queueing behind its row locks; requests touching the same account keep their order.
-    The queue is bounded: submitters wait when ``queue_max`` requests are waiting.
+    take up to ``batch_max`` commands (waiting at most ``linger_ms`` for more once one is in)
+    and book them as one batch. Several drainers book at once only batches that share no
+    account, so batches on different accounts proceed side by side (PostgreSQL works on one
+    while Python checks the next) instead of queueing behind each other's row locks. Commands
+    touching the same account are booked in submission order. The queue is bounded: submitters
+    wait while ``queue_max`` commands are waiting.
     """
 
     def __init__(
@@ -123,7 +133,7 @@ class PostingQueue:
         batch_max: int = 2000,
         linger_ms: float = 0.0,
         drainers: int = 2,
-        queue_max: int = 10_000,
+        queue_max: int = 50_000,
     ) -> None:
         if batch_max < 1 or drainers < 1 or queue_max < 1:
             raise ValueError("batch_max, drainers and queue_max must be positive")
@@ -132,7 +142,7 @@ class PostingQueue:
         self.linger_s = linger_ms / 1000.0
         self.queue_max = queue_max
         self._cond = threading.Condition()
-        self._pending: list[_Request] = []
+        self._pending: list[_Item] = []
         self._busy_codes: dict[str, int] = {}
         self._batches_in_flight = 0
         self._exclusive_in_flight = False
@@ -147,13 +157,14 @@ class PostingQueue:
     def submit(
         self, commands: Sequence[Command], actor: Actor | None = None, timeout_s: float = 60.0
     ) -> list[EntryResult]:
-        """Book ``commands`` (in one batch, atomically per command) and wait for the results.
+        """Book ``commands`` (each atomically, in order per account) and wait for the results.
 
         With ``actor``, every entry created gets an audit record in the same transaction.
         """
         if not commands:
             return []
-        request = _Request(commands, actor, Future(), _codes_of(commands))
+        request = _Request(actor, Future(), [None] * len(commands), len(commands))
+        items = [_Item(request, i, c, _codes_of(c)) for i, c in enumerate(commands)]
         with self._cond:
             if not self._cond.wait_for(
                 lambda: self._closed or len(self._pending) < self.queue_max, timeout=timeout_s
@@ -161,7 +172,7 @@ class PostingQueue:
                 raise TimeoutError("the posting queue stayed full")
             if self._closed:
                 raise RuntimeError("the posting queue is closed")
-            self._pending.append(request)
+            self._pending.extend(items)
             self._cond.notify_all()
         return request.future.result(timeout=timeout_s)
 
@@ -191,11 +202,11 @@ class PostingQueue:
                     self._release(codes, exclusive)
                     self._cond.notify_all()
 
-    def _next_batch(self) -> list[_Request] | None:
+    def _next_batch(self) -> list[_Item] | None:
         """Wait for a batch this drainer may book now; None once closed and drained."""
         while True:
             if self._pending and not self._exclusive_in_flight:
-                if not self._closed and self._pending_size() < self.batch_max and self.linger_s > 0:
+                if not self._closed and len(self._pending) < self.batch_max and self.linger_s > 0:
                     # Let concurrent submitters join the batch (bounded by the linger time).
                     self._cond.wait(timeout=self.linger_s)
                 batch = self._select()
@@ -205,57 +216,45 @@ class PostingQueue:
                 return None
             self._cond.wait(timeout=0.05)
 
-    def _pending_size(self) -> int:
-        total = 0
-        for request in self._pending:
-            total += len(request.commands)
-            if total >= self.batch_max:
-                break
-        return total
+    def _select(self) -> list[_Item]:
+        """Take, in submission order, commands sharing no account with batches in flight.
 
-    def _select(self) -> list[_Request]:
-        """Take, in submission order, requests sharing no account with batches in flight.
-
-        A request passed over reserves its accounts, so no later request on the same account
-        overtakes it. A request of unknown accounts is taken only with nothing in flight and
+        A command passed over reserves its accounts, so no later command on the same account
+        overtakes it. A command of unknown accounts is taken only with nothing in flight and
         nothing passed over before it; whatever follows it may then join its batch.
         """
         reserved: set[str] = set(self._busy_codes)
-        taken: list[_Request] = []
-        kept: list[_Request] = []
-        size = 0
+        taken: list[_Item] = []
+        kept: list[_Item] = []
         exclusive = False
         passed_over = False
-        scanned = 0
-        for request in self._pending:
-            scanned += 1
-            full = size >= self.batch_max or scanned > 8 * self.batch_max
-            if full:
-                kept.append(request)
+        stop = False
+        scan_limit = 8 * self.batch_max
+        for n, item in enumerate(self._pending):
+            if stop or len(taken) >= self.batch_max or n >= scan_limit:
+                kept.append(item)
                 continue
-            if request.codes is None and not exclusive:
+            if item.codes is None and not exclusive:
                 if self._batches_in_flight or passed_over:
-                    kept.append(request)
-                    passed_over = True
-                    size = self.batch_max  # nothing after it may pass it
+                    kept.append(item)
+                    stop = True  # nothing after it may pass it
                     continue
                 exclusive = True
-            elif not exclusive and request.codes is not None and not reserved.isdisjoint(request.codes):
-                kept.append(request)
-                reserved.update(request.codes)
+            elif not exclusive and item.codes is not None and not reserved.isdisjoint(item.codes):
+                kept.append(item)
+                reserved.update(item.codes)
                 passed_over = True
                 continue
-            taken.append(request)
-            size += len(request.commands)
+            taken.append(item)
         self._pending = kept
         return taken
 
-    def _claim(self, batch: list[_Request]) -> tuple[set[str], bool]:
-        exclusive = any(request.codes is None for request in batch)
+    def _claim(self, batch: list[_Item]) -> tuple[set[str], bool]:
+        exclusive = any(item.codes is None for item in batch)
         codes: set[str] = set()
-        for request in batch:
-            if request.codes is not None:
-                codes.update(request.codes)
+        for item in batch:
+            if item.codes is not None:
+                codes.update(item.codes)
         for code in codes:
             self._busy_codes[code] = self._busy_codes.get(code, 0) + 1
         self._batches_in_flight += 1
@@ -273,19 +272,23 @@ class PostingQueue:
         if exclusive:
             self._exclusive_in_flight = False
 
-    def _book(self, batch: list[_Request]) -> None:
-        commands = [c for request in batch for c in request.commands]
-        actors = [request.actor for request in batch for _ in request.commands]
+    def _book(self, batch: list[_Item]) -> None:
+        actors = [item.request.actor for item in batch]
         try:
-            results = self.poster.post(commands, actors if any(actors) else None)
+            results = self.poster.post([item.command for item in batch], actors if any(actors) else None)
         except BaseException as exc:  # the submitters must hear about any failure
-            for request in batch:
-                request.future.set_exception(exc)
+            with self._cond:
+                for item in batch:
+                    if not item.request.future.done():
+                        item.request.future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        offset = 0
-        for request in batch:
-            n = len(request.commands)
-            request.future.set_result(results[offset : offset + n])
-            offset += n
+        # A request's commands may be in batches booked by two drainers at once.
+        with self._cond:
+            for item, result in zip(batch, results, strict=True):
+                request = item.request
+                request.results[item.index] = result
+                request.remaining -= 1
+                if request.remaining == 0 and not request.future.done():
+                    request.future.set_result([r for r in request.results if r is not None])
