@@ -167,10 +167,12 @@ class _Batch:
         keys = {c.key for c in self.commands}
         refs = {c.pending_key for c in self.commands if isinstance(c, Resolve)}
         refs |= {c.entry_key for c in self.commands if isinstance(c, Reverse)}
+        # One index probe per key, whatever the planner would guess for `= ANY` on a big table.
         self.cur.execute(
             "SELECT e.idempotency_key, e.id, e.content_hash,"
             " EXISTS (SELECT 1 FROM ledger_entries r WHERE r.reverses_entry_id = e.id)"
-            " FROM ledger_entries e WHERE e.idempotency_key = ANY(%s)",
+            " FROM unnest(%s::text[]) AS k(key)"
+            " CROSS JOIN LATERAL (SELECT * FROM ledger_entries x WHERE x.idempotency_key = k.key) e",
             (list(keys | refs),),
         )
         for key, entry_id, digest, was_reversed in self.cur.fetchall():

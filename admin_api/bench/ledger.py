@@ -139,7 +139,7 @@ class Plan:
 # Chosen by measurement on a 2-core machine (16 x 64 entries, batch_max 1000, linger 2 ms gave
 # the most; per_submit 1 with 64-512 producers 3-4k/s; batch_max 5000 or a second drainer or
 # producer process less, as batches then wait on each other's account locks).
-DEFAULT_KNOBS = Knobs(processes=1, producers=16, per_submit=64, batch_max=1000, linger_ms=2.0, drainers=2)
+DEFAULT_KNOBS = Knobs(processes=1, producers=16, per_submit=64, batch_max=1000, linger_ms=0.0, drainers=2)
 QUICK = Plan(
     "quick", accounts=10_000, random_s=4.0, hot_s=3.0, api_requests=300, api_warmup=30, knobs=DEFAULT_KNOBS
 )
