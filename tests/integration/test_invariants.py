@@ -679,7 +679,7 @@ def test_an_entry_is_reversed_once(ledger: Ledger) -> None:
         with pytest.raises(pg.UniqueViolation) as info:
             new_entry(conn, "second-reversal", reverses_entry_id=target["id"])
         conn.rollback()
-    assert info.value.diag.constraint_name == "ledger_entries_reverses_entry_id_key"
+    assert info.value.diag.constraint_name == "ledger_entries_reversed_once"
     assert ledger.state() == before
 
 

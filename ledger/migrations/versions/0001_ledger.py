@@ -57,7 +57,7 @@ CREATE TABLE ledger_entries (
     metadata jsonb NOT NULL DEFAULT '{{}}'::jsonb CHECK (jsonb_typeof(metadata) = 'object'),
     effective_at timestamptz NOT NULL,
     posted_at timestamptz NOT NULL,
-    reverses_entry_id bigint UNIQUE REFERENCES ledger_entries (id),
+    reverses_entry_id bigint REFERENCES ledger_entries (id),
     chain_id bigint CHECK (chain_id > 0),
     tx_hash text CHECK (tx_hash ~ '^0x[0-9a-f]{{64}}$'),
     log_index integer CHECK (log_index >= 0),
@@ -67,6 +67,10 @@ CREATE TABLE ledger_entries (
         (chain_id IS NULL) = (tx_hash IS NULL) AND (chain_id IS NULL) = (log_index IS NULL)
         AND (chain_id IS NULL) = (block_number IS NULL) AND (chain_id IS NULL) = (block_hash IS NULL))
 );
+
+-- An entry is reversed at most once (partial: most entries reverse nothing).
+CREATE UNIQUE INDEX ledger_entries_reversed_once ON ledger_entries (reverses_entry_id)
+    WHERE reverses_entry_id IS NOT NULL;
 
 -- Account and entry references are checked per statement by ledger_apply_transfers (set-based,
 -- far cheaper than row-level foreign keys on the hot insert path). Accounts and entries can
