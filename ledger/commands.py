@@ -7,7 +7,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from ledger.errors import InvalidInput
@@ -29,6 +29,18 @@ ACCOUNT_KINDS: tuple[AccountKind, ...] = ("asset", "liability", "equity", "reven
 # The side on which each kind's balance grows ("normal balance").
 DEBIT_NORMAL_KINDS = frozenset({"asset", "expense"})
 ACCOUNT_FLAGS = ("debits_must_not_exceed_credits", "credits_must_not_exceed_debits", "closed")
+
+
+# Keys of entries the ledger books by itself (the expiry sweep); callers may not take them.
+SYSTEM_KEY_PREFIX = "sys:"
+
+
+def check_caller_key(key: object) -> str:
+    """:func:`check_key` for a key chosen by an outside caller (API, workers)."""
+    checked = check_key(key)
+    if checked.startswith(SYSTEM_KEY_PREFIX):
+        raise InvalidInput(f"keys starting with {SYSTEM_KEY_PREFIX!r} are reserved for the ledger itself")
+    return checked
 
 
 def check_key(key: object, what: str = "key") -> str:
@@ -199,7 +211,8 @@ class NewEntry:
             for leg in self.legs
         )
         chain = "" if self.chain is None else "\x1f".join(map(str, self.chain.as_list()))
-        effective = self.effective_at.isoformat() if self.effective_at else ""
+        # The same instant written with another offset is the same entry.
+        effective = self.effective_at.astimezone(UTC).isoformat() if self.effective_at else ""
         text = f"entry\x1d{self.kind}\x1d{legs}\x1d{meta}\x1d{effective}\x1d{chain}"
         digest = hashlib.sha256(text.encode()).digest()
         object.__setattr__(self, "content_hash", digest)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from ledger.audit import Actor
-from ledger.commands import EntryResult, Resolve
+from ledger.commands import SYSTEM_KEY_PREFIX, EntryResult, Resolve
 from ledger.posting import Poster
 
 SWEEP_BATCH = 1000
@@ -14,7 +14,8 @@ SWEEP_BATCH = 1000
 def expire_holds(poster: Poster, *, limit: int = 100_000, actor: Actor | None = None) -> list[EntryResult]:
     """Expire every timed-out, unresolved hold (at most ``limit``); safe to run concurrently.
 
-    Each expiry is an entry keyed ``expire:{hold entry id}``, so two sweeps racing book it once.
+    Each expiry is an entry keyed ``sys:expire:{hold entry id}`` (a prefix callers cannot use),
+    so two sweeps racing book it once.
     With ``actor``, each expiry gets an audit record in its own transaction.
     """
     results: list[EntryResult] = []
@@ -32,7 +33,7 @@ def expire_holds(poster: Poster, *, limit: int = 100_000, actor: Actor | None = 
             ).all()
         if not rows:
             break
-        commands = [Resolve(f"expire:{eid}", key, "expire") for eid, key in rows]
+        commands = [Resolve(f"{SYSTEM_KEY_PREFIX}expire:{eid}", key, "expire") for eid, key in rows]
         batch = poster.post(commands, None if actor is None else [actor] * len(commands))
         results.extend(batch)
         if not any(r.status == "created" for r in batch):

@@ -223,6 +223,8 @@ class PostingQueue:
         overtakes it. A command of unknown accounts is taken only with nothing in flight and
         nothing passed over before it; whatever follows it may then join its batch.
         """
+        if self._exclusive_in_flight:
+            return []  # e.g. claimed by another drainer while this one lingered
         reserved: set[str] = set(self._busy_codes)
         taken: list[_Item] = []
         kept: list[_Item] = []

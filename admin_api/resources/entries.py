@@ -26,6 +26,7 @@ from admin_api.resources import (
 from ledger.accounts import get_account
 from ledger.commands import (
     KEY_MAX_CHARS,
+    SYSTEM_KEY_PREFIX,
     TIMEOUT_MAX_S,
     ChainRef,
     Leg,
@@ -33,8 +34,8 @@ from ledger.commands import (
     Resolve,
     check_account_code,
     check_asset_code,
+    check_caller_key,
     check_entry_kind,
-    check_key,
 )
 from ledger.errors import Conflict, InvalidInput, LedgerError, NotFound
 
@@ -45,8 +46,11 @@ class IdempotencyHeaderSchema(ma.Schema):
     idempotency_key = ma.fields.String(
         data_key="Idempotency-Key",
         required=True,
-        validate=ledger_check(check_key),
-        metadata={"description": f"Caller-chosen key (1-{KEY_MAX_CHARS} chars) that makes a retry safe"},
+        validate=ledger_check(check_caller_key),
+        metadata={
+            "description": f"Caller-chosen key (1-{KEY_MAX_CHARS} chars, not starting with"
+            f" {SYSTEM_KEY_PREFIX!r}) that makes a retry safe"
+        },
     )
 
 

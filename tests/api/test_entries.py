@@ -456,3 +456,16 @@ def test_unknown_query_parameters_are_refused(
             400,
             "invalid_input",
         )
+
+
+def test_keys_reserved_for_the_ledger_are_refused(
+    client: FlaskClient, api_keys: dict[str, str], chart: Chart, app_engine: sa.Engine
+) -> None:
+    # The expiry sweep books under sys:expire:<id>; a caller taking such a key first would
+    # keep that hold from ever expiring.
+    before = snapshot(app_engine)
+    response = post_entry(
+        client, "sys:expire:1", {"transfers": [transfer(chart.alice, chart.bob, "1")]}, api_keys["operator"]
+    )
+    assert_problem(response, 400, "invalid_input")
+    assert snapshot(app_engine) == before

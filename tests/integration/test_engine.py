@@ -352,18 +352,18 @@ def test_timeouts_expire_only_timed_out_holds(books: Books) -> None:
 
     results = expire_holds(books.poster)
     assert sorted((r.key, r.status) for r in results) == [
-        (f"expire:{short_a}", "created"),
-        (f"expire:{short_b}", "created"),
+        (f"sys:expire:{short_a}", "created"),
+        (f"sys:expire:{short_b}", "created"),
     ]
     assert books.totals("alice") == (0, 100, 70, 0)
     assert books.totals("merchant") == (0, 0, 0, 70)
-    kinds = books.rows("SELECT kind FROM ledger_entries WHERE idempotency_key LIKE 'expire:%'")
+    kinds = books.rows("SELECT kind FROM ledger_entries WHERE idempotency_key LIKE 'sys:expire:%'")
     assert [k[0] for k in kinds] == ["expire", "expire"]
 
     # Expiry is idempotent: a second sweep finds nothing; the same expiry again is "exists".
     before = books.counts()
     assert expire_holds(books.poster) == []
-    again = books.one(Resolve(f"expire:{short_a}", "short-a", "expire"))
+    again = books.one(Resolve(f"sys:expire:{short_a}", "short-a", "expire"))
     assert again.status == "exists"
     rejected(books.one(Resolve("post-expired", "short-b", "post")), "pending_already_resolved")
     assert books.counts() == before

@@ -328,6 +328,23 @@ def test_a_committed_entry_cannot_receive_more_transfers(ledger: Ledger) -> None
         row = transfer_row(conn, ledger.ids["bank"], ledger.ids["alice"], 1000)
         row["entry_id"], row["posted_at"] = entry["id"], entry["posted_at"]
         error = refused(conn, pg.CheckViolation, _INSERT_TRANSFER, row)
+    # The entry was booked before this transaction began: its booking time gives it away.
+    assert "booking time outside this transaction" in str(error)
+    assert ledger.state() == before
+
+
+def test_an_entry_committed_by_a_later_transaction_cannot_receive_transfers(ledger: Ledger) -> None:
+    # The booking time cannot tell: the entry was committed after this transaction began.
+    with ledger.connect(app=True) as conn, ledger.connect(app=True) as other:
+        conn.execute("SELECT now()")  # this transaction begins here
+        booked = transfer_row(other, ledger.ids["bank"], ledger.ids["alice"], 5)
+        in_entry(other, "committed-by-other", booked)
+        other.execute(_INSERT_TRANSFER, booked)
+        other.commit()
+        before = ledger.state()
+        row = transfer_row(conn, ledger.ids["bank"], ledger.ids["alice"], 1000)
+        row["entry_id"], row["posted_at"] = booked["entry_id"], booked["posted_at"]
+        error = refused(conn, pg.CheckViolation, _INSERT_TRANSFER, row)
     assert "only be added by the transaction that books the entry" in str(error)
     assert ledger.state() == before
 
@@ -345,7 +362,30 @@ def test_history_cannot_be_backdated(ledger: Ledger) -> None:
         row["entry_id"], row["posted_at"] = entry["id"], entry["posted_at"]
         error = refused(conn, pg.CheckViolation, _INSERT_TRANSFER, row)
     # Balance as of 2001 would otherwise change, and running balances would go out of order.
-    assert error.diag.constraint_name == "history_not_backdated"
+    assert "booking time outside this transaction" in str(error)
+    assert ledger.state() == before
+
+
+def test_history_order_holds_by_time_and_id(ledger: Ledger) -> None:
+    # A transfer with a current booking time but an id below the account's newest transfer
+    # (an id a rejected command left unused) would sort before history already read.
+    with ledger.connect(app=True) as conn:
+        newest = conn.execute(
+            "SELECT max(id) AS id FROM ledger_transfers WHERE credit_account_id = %s",
+            (ledger.ids["alice"],),
+        ).fetchone()
+        assert newest is not None
+        before = ledger.state()
+        row = transfer_row(conn, ledger.ids["bank"], ledger.ids["alice"], 7)
+        in_entry(conn, "low-id", row)
+        row["id"] = newest["id"] - 1 if newest["id"] > 1 else 0
+        columns = ["id", *_TRANSFER_COLUMNS]
+        sql = (
+            f"INSERT INTO ledger_transfers ({', '.join(columns)})"
+            f" VALUES ({', '.join('%(' + c + ')s' for c in columns)})"
+        )
+        error = refused(conn, pg.CheckViolation, sql, row)
+    assert error.diag.constraint_name == "history_not_backdated" or "unique" in str(error)
     assert ledger.state() == before
 
 

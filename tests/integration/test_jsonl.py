@@ -387,7 +387,7 @@ def test_export_round_trip_reproduces_every_balance(
     assert "timeout_s" not in by_key["h-post"]["transfers"][0]
     assert by_key["h-open"]["transfers"][0]["timeout_s"] == 7200
     assert by_key["p"]["amount"] == "100" and "amount" not in by_key["p-full"]
-    expiry = next(line for line in exported if str(line.get("key", "")).startswith("expire:"))
+    expiry = next(line for line in exported if str(line.get("key", "")).startswith("sys:expire:"))
     assert expiry["type"] == "void" and expiry["pending_key"] == "h-expire"
     assert by_key["dated"]["effective_at"] == "2025-12-31T22:00:00+00:00"
     assert by_key["dated"]["chain"] == chain

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import pytest
 import sqlalchemy as sa
@@ -13,7 +14,7 @@ from ledger import db
 from ledger.accounts import create_account, create_asset, get_account
 from ledger.check import check_ledger
 from ledger.commands import Command, EntryResult, Leg, NewEntry, Resolve
-from ledger.posting import Poster, PostingQueue
+from ledger.posting import Poster, PostingQueue, _Item, _Request
 
 USERS = 40
 
@@ -180,3 +181,40 @@ def wait_until_waiting_on_a_lock(engine: sa.Engine, timeout_s: float = 10.0) -> 
                 return
             time.sleep(0.02)
     raise AssertionError("no batch started waiting on the row lock")
+
+
+def test_nothing_joins_while_a_command_of_unknown_accounts_is_booked(engine: sa.Engine) -> None:
+    # A void runs alone: its accounts are known only once the hold is read. While such a batch
+    # is in flight, a lingering drainer must not book the spend of the funds it releases.
+    poster = Poster(engine)
+    funded = poster.post(
+        [
+            NewEntry("fund", (Leg("src:1", "u:1", 100),)),
+            NewEntry("hold", (Leg("u:1", "sink:1", 100, pending=True),)),
+        ]
+    )
+    assert [r.status for r in funded] == ["created", "created"]
+    queue = PostingQueue(poster, batch_max=3, linger_ms=200, drainers=2)
+    void = Resolve("void", "hold", "void")
+    outcome: list[EntryResult] = []
+    try:
+        spend = threading.Thread(
+            target=lambda: outcome.extend(
+                queue.submit([NewEntry("spend", (Leg("u:1", "sink:3", 100),))], timeout_s=60)
+            )
+        )
+        spend.start()
+        time.sleep(0.05)  # a drainer saw the spend and lingers (200 ms) for more work
+        # Meanwhile another drainer takes the void (submitted earlier) as an exclusive batch.
+        with queue._cond:
+            claimed = queue._claim([_Item(_Request(None, Future(), [None], 1), 0, void, None)])
+        spend.join(timeout=0.6)  # three linger periods
+        assert spend.is_alive() and not outcome, "a batch was booked beside an exclusive one"
+        assert [r.status for r in poster.post([void])] == ["created"]
+        with queue._cond:
+            queue._release(*claimed)
+            queue._cond.notify_all()
+        spend.join(timeout=30)
+    finally:
+        queue.close()
+    assert [r.status for r in outcome] == ["created"], outcome

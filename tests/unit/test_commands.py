@@ -309,12 +309,14 @@ def test_resolve_and_reverse_content_differs_by_action_amount_and_target() -> No
     assert len(hashes) == 9
 
 
-def test_the_same_instant_in_another_time_zone_is_other_content() -> None:
-    # Callers retry with the value they sent; the hash compares what was sent, not the instant.
+def test_the_same_instant_in_another_time_zone_is_the_same_content() -> None:
+    # A retry that writes the same instant with another offset is the same entry, not a conflict.
     utc = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
     plus_one = utc.astimezone(timezone(timedelta(hours=1)))
     assert utc == plus_one
-    assert _entry(effective_at=utc).content_hash != _entry(effective_at=plus_one).content_hash
+    assert _entry(effective_at=utc).content_hash == _entry(effective_at=plus_one).content_hash
+    later = utc + timedelta(seconds=1)
+    assert _entry(effective_at=utc).content_hash != _entry(effective_at=later).content_hash
 
 
 def test_entry_result_as_dict() -> None:

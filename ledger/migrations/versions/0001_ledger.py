@@ -40,6 +40,7 @@ CREATE TABLE ledger_accounts (
     -- Booking time of the account's newest transfer; NULL only ever as the result of an
     -- attempt to book before it (history is never backdated).
     last_posted_at timestamptz DEFAULT '-infinity',
+    last_transfer_id bigint NOT NULL DEFAULT 0,
     CONSTRAINT history_not_backdated CHECK (last_posted_at IS NOT NULL),
     CONSTRAINT one_limit_flag CHECK (NOT (debits_must_not_exceed_credits AND credits_must_not_exceed_debits)),
     CONSTRAINT debits_must_not_exceed_credits CHECK (
@@ -181,7 +182,7 @@ END $$;
 
 CREATE TRIGGER ledger_accounts_start_at_zero BEFORE INSERT ON ledger_accounts FOR EACH ROW
     WHEN (NEW.debits_posted <> 0 OR NEW.credits_posted <> 0 OR NEW.debits_pending <> 0
-          OR NEW.credits_pending <> 0 OR NEW.last_posted_at <> '-infinity')
+          OR NEW.credits_pending <> 0 OR NEW.last_posted_at <> '-infinity' OR NEW.last_transfer_id <> 0)
     EXECUTE FUNCTION ledger_refuse_account_change();
 CREATE TRIGGER ledger_accounts_no_delete BEFORE DELETE ON ledger_accounts FOR EACH ROW
     EXECUTE FUNCTION ledger_refuse_account_change();
@@ -194,10 +195,10 @@ CREATE TRIGGER ledger_accounts_fixed_columns BEFORE UPDATE ON ledger_accounts FO
     EXECUTE FUNCTION ledger_refuse_account_change('columns');
 CREATE TRIGGER ledger_accounts_balances_by_transfers BEFORE UPDATE ON ledger_accounts FOR EACH ROW
     WHEN ((NEW.debits_posted, NEW.credits_posted, NEW.debits_pending, NEW.credits_pending,
-           NEW.last_posted_at)
+           NEW.last_posted_at, NEW.last_transfer_id)
           IS DISTINCT FROM
           (OLD.debits_posted, OLD.credits_posted, OLD.debits_pending, OLD.credits_pending,
-           OLD.last_posted_at)
+           OLD.last_posted_at, OLD.last_transfer_id)
           AND coalesce(current_setting('tracechain.applying', true), '') <> 'on')
     EXECUTE FUNCTION ledger_refuse_account_change('balances');
 
@@ -209,15 +210,18 @@ CREATE TRIGGER ledger_accounts_balances_by_transfers BEFORE UPDATE ON ledger_acc
 -- the values the UPDATE returns (the newest, locked row versions), so it holds under any
 -- concurrency.
 -- The full (epoch-qualified) id of a transaction of the current epoch or the one before.
-CREATE FUNCTION ledger_xid8(x xid) RETURNS xid8 LANGUAGE sql STABLE AS $$
+CREATE FUNCTION ledger_xid8(x xid) RETURNS xid8 LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp AS $$
     SELECT (CASE WHEN x::text::bigint <= (pg_current_xact_id()::text::bigint & 4294967295)
                  THEN (pg_current_xact_id()::text::bigint >> 32)
                  ELSE (pg_current_xact_id()::text::bigint >> 32) - 1 END
             * 4294967296 + x::text::bigint)::text::xid8
 $$;
 
+-- pg_temp is named last: otherwise it is searched first, and a temporary table of the caller's
+-- could stand in for a ledger table inside this owner-privileged function.
 CREATE FUNCTION ledger_apply_transfers() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, public AS $$
+SET search_path = pg_catalog, public, pg_temp AS $$
 DECLARE
     bad_id bigint;
     touched integer;
@@ -228,10 +232,20 @@ DECLARE
 BEGIN
     SELECT n.id INTO bad_id FROM new_rows n LEFT JOIN ledger_entries e ON e.id = n.entry_id
      WHERE e.id IS NULL OR n.posted_at <> e.posted_at OR n.block_number IS DISTINCT FROM e.block_number
-        OR n.posted_at > clock_timestamp()
+        OR n.posted_at > clock_timestamp() OR n.posted_at < now()
      LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'transfer %: unknown entry, booking time in the future, or booking time or block differing from its entry', bad_id
+        RAISE EXCEPTION 'transfer %: unknown entry, booking time outside this transaction, or booking time or block differing from its entry', bad_id
+            USING ERRCODE = 'check_violation';
+    END IF;
+
+    -- History is ordered by (posted_at, id): within a statement both orders must agree.
+    SELECT o.id INTO bad_id FROM (
+        SELECT n.id, n.posted_at, lag(n.posted_at) OVER (ORDER BY n.id) AS previous FROM new_rows n) o
+     WHERE o.previous > o.posted_at
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'transfer %: ids and booking times of a statement must rise together', bad_id
             USING ERRCODE = 'check_violation';
     END IF;
 
@@ -282,13 +296,14 @@ BEGIN
     running AS (
         -- What each leg says its account held before this statement: the same for every leg
         -- of one account side, and equal to the account's stored value, or a leg lies.
-        SELECT l.account_id, l.is_debit, l.asset_id, l.posted_at, l.posted_delta, l.pending_delta,
+        SELECT l.id, l.account_id, l.is_debit, l.asset_id, l.posted_at, l.posted_delta, l.pending_delta,
                l.posted_after - sum(l.posted_delta) OVER w AS posted_before,
                l.pending_after - sum(l.pending_delta) OVER w AS pending_before
           FROM legs l WINDOW w AS (PARTITION BY l.account_id, l.is_debit ORDER BY l.posted_at, l.id)),
     sums AS (
         SELECT account_id, min(asset_id) AS min_asset, max(asset_id) AS max_asset,
                min(posted_at) AS first_posted_at, max(posted_at) AS last_posted_at,
+               min(id) AS first_id, max(id) AS last_id,
                coalesce(sum(posted_delta) FILTER (WHERE is_debit), 0) AS dp,
                coalesce(sum(pending_delta) FILTER (WHERE is_debit), 0) AS dq,
                coalesce(sum(posted_delta) FILTER (WHERE NOT is_debit), 0) AS cp,
@@ -302,8 +317,13 @@ BEGIN
         UPDATE ledger_accounts a
            SET debits_posted = a.debits_posted + s.dp, debits_pending = a.debits_pending + s.dq,
                credits_posted = a.credits_posted + s.cp, credits_pending = a.credits_pending + s.cq,
-               -- NULL (refused by history_not_backdated) when booked before the newest transfer.
-               last_posted_at = CASE WHEN s.first_posted_at >= a.last_posted_at THEN s.last_posted_at END
+               -- NULL (refused by history_not_backdated) unless every new transfer comes after
+               -- the account's newest one, by booking time and by id alike: an account's
+               -- history reads the same in either order.
+               last_posted_at = CASE WHEN s.first_posted_at >= a.last_posted_at
+                                      AND s.first_id > a.last_transfer_id
+                                     THEN s.last_posted_at END,
+               last_transfer_id = s.last_id
           FROM sums s
          WHERE a.id = s.account_id
         -- RETURNING sees the updated row: the value before is the new one minus the delta.
@@ -335,6 +355,40 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- At commit, every entry booked in the transaction has transfers, and a reversal's transfers
+-- are exactly the mirror image of what its target posted (deferred: they follow the entry row).
+CREATE FUNCTION ledger_check_entry() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM ledger_transfers t WHERE t.entry_id = NEW.id) THEN
+        RAISE EXCEPTION 'entry %: an entry needs at least one transfer', NEW.idempotency_key
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.reverses_entry_id IS NOT NULL AND (
+        EXISTS (SELECT 1 FROM ledger_transfers t WHERE t.entry_id = NEW.id AND t.kind <> 'posted')
+        OR EXISTS (
+            (SELECT t.credit_account_id, t.debit_account_id, t.asset_id, t.amount FROM ledger_transfers t
+              WHERE t.entry_id = NEW.reverses_entry_id AND t.kind IN ('posted', 'post_pending')
+             EXCEPT ALL
+             SELECT t.debit_account_id, t.credit_account_id, t.asset_id, t.amount FROM ledger_transfers t
+              WHERE t.entry_id = NEW.id)
+            UNION ALL
+            (SELECT t.debit_account_id, t.credit_account_id, t.asset_id, t.amount FROM ledger_transfers t
+              WHERE t.entry_id = NEW.id
+             EXCEPT ALL
+             SELECT t.credit_account_id, t.debit_account_id, t.asset_id, t.amount FROM ledger_transfers t
+              WHERE t.entry_id = NEW.reverses_entry_id AND t.kind IN ('posted', 'post_pending')))
+        OR EXISTS (SELECT 1 FROM ledger_transfers t WHERE t.entry_id = NEW.reverses_entry_id
+                    AND t.kind NOT IN ('posted', 'post_pending'))) THEN
+        RAISE EXCEPTION 'entry %: a reversal must post the mirror image of the entry it reverses',
+            NEW.idempotency_key USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE CONSTRAINT TRIGGER ledger_entries_complete AFTER INSERT ON ledger_entries
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ledger_check_entry();
+
 CREATE TRIGGER ledger_transfers_apply AFTER INSERT ON ledger_transfers
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION ledger_apply_transfers();
 """
@@ -356,6 +410,10 @@ GRANT INSERT (code, asset_id, kind, debits_must_not_exceed_credits, credits_must
 GRANT UPDATE (closed, metadata) ON ledger_accounts TO "{role}";
 GRANT UPDATE (revoked_at) ON api_keys TO "{role}";
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}";
+-- No temporary tables for the application (defence in depth for the owner's functions).
+DO $$ BEGIN
+    EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
+END $$;
 """
 
 
