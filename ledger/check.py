@@ -68,6 +68,30 @@ SELECT count(*) FILTER (WHERE r.id IS NULL),
  WHERE p.kind = 'pending'
 """
 
+# Entries are whole: each has transfers, each transfer an entry, each reversal mirrors its target.
+_ENTRIES = """
+SELECT 'entry_without_transfers', e.idempotency_key FROM ledger_entries e
+ WHERE NOT EXISTS (SELECT 1 FROM ledger_transfers t WHERE t.entry_id = e.id)
+UNION ALL
+SELECT 'transfer_without_entry', t.id::text FROM ledger_transfers t
+ WHERE NOT EXISTS (SELECT 1 FROM ledger_entries e WHERE e.id = t.entry_id)
+UNION ALL
+SELECT 'reversal_not_mirrored', r.idempotency_key FROM ledger_entries r
+ WHERE r.reverses_entry_id IS NOT NULL AND EXISTS (
+     (SELECT t.credit_account_id, t.debit_account_id, t.amount FROM ledger_transfers t
+       WHERE t.entry_id = r.reverses_entry_id AND t.kind IN ('posted', 'post_pending')
+      EXCEPT ALL
+      SELECT t.debit_account_id, t.credit_account_id, t.amount FROM ledger_transfers t
+       WHERE t.entry_id = r.id AND t.kind = 'posted')
+     UNION ALL
+     (SELECT t.debit_account_id, t.credit_account_id, t.amount FROM ledger_transfers t
+       WHERE t.entry_id = r.id
+      EXCEPT ALL
+      SELECT t.credit_account_id, t.debit_account_id, t.amount FROM ledger_transfers t
+       WHERE t.entry_id = r.reverses_entry_id AND t.kind IN ('posted', 'post_pending')))
+LIMIT 50
+"""
+
 _PENDING_TOTAL = "SELECT coalesce(sum(debits_pending), 0)::text FROM ledger_accounts"
 
 
@@ -124,6 +148,8 @@ def _check(conn: sa.Connection) -> dict[str, Any]:
         breaks.append({"kind": "flag_violated", "account": code})
     for (code,) in conn.execute(sa.text(_RUNNING)):
         breaks.append({"kind": "running_balance_differs", "account": code})
+    for kind, what in conn.execute(sa.text(_ENTRIES)):
+        breaks.append({"kind": kind, "entry" if kind != "transfer_without_entry" else "transfer": what})
     open_holds, expired, held, resolved_twice = conn.execute(sa.text(_HOLDS)).one()
     pending_total = conn.execute(sa.text(_PENDING_TOTAL)).scalar_one()
     if resolved_twice:

@@ -256,11 +256,16 @@ class Resolve:
 
 @dataclass(frozen=True, slots=True)
 class Reverse:
-    """Book the mirror image of the posted entry ``entry_key`` (a correction)."""
+    """Book the mirror image of the posted entry ``entry_key`` (a correction).
+
+    ``chain`` places the reversal on chain, e.g. a compensation for an orphaned event given the
+    orphaned event's reference, so that balances at a block no longer count the event.
+    """
 
     key: str
     entry_key: str
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    chain: ChainRef | None = None
     metadata_json: str = field(init=False, repr=False, compare=False)
     content_hash: bytes = field(init=False, repr=False, compare=False)
     kind: str = field(init=False, default="reversal")
@@ -268,9 +273,12 @@ class Reverse:
     def __post_init__(self) -> None:
         check_key(self.key)
         check_key(self.entry_key, "entry_key")
+        if self.chain is not None and not isinstance(self.chain, ChainRef):
+            raise InvalidInput("chain must be a chain reference")
         meta = canonical_metadata(self.metadata)
         object.__setattr__(self, "metadata_json", meta)
-        object.__setattr__(self, "content_hash", _content_hash(["reverse", self.entry_key, meta]))
+        chain = self.chain.as_list() if self.chain else None
+        object.__setattr__(self, "content_hash", _content_hash(["reverse", self.entry_key, meta, chain]))
 
 
 Command = NewEntry | Resolve | Reverse

@@ -198,8 +198,11 @@ def statement(
         opening = _totals_where(
             conn, account.id, "posted_at <= :t AND id < :before", {"t": first[4], "before": first[0]}
         )
+    elif end is not None:
+        # Nothing in the window after the cursor: the balance is the one just before its end.
+        opening = _totals_where(conn, account.id, "posted_at < :t", {"t": end})
     else:
-        opening = totals_as_of(conn, account, start) if start is not None else current_totals(account)
+        opening = current_totals(account)
     dp, cp, dq, cq = (
         opening.debits_posted,
         opening.credits_posted,

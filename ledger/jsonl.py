@@ -97,7 +97,7 @@ _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "post": (frozenset({"key", "pending_key"}), frozenset({"amount", "metadata"})),
     "void": (frozenset({"key", "pending_key"}), frozenset({"metadata"})),
     "expire": (frozenset({"key", "pending_key"}), frozenset({"metadata"})),
-    "reverse": (frozenset({"key", "entry_key"}), frozenset({"metadata"})),
+    "reverse": (frozenset({"key", "entry_key"}), frozenset({"metadata", "chain"})),
 }
 _TRANSFER_FIELDS = (frozenset({"debit", "credit", "amount"}), frozenset({"asset", "pending", "timeout_s"}))
 _CHAIN_FIELDS: tuple[frozenset[str], frozenset[str]] = (
@@ -287,10 +287,12 @@ def parse_line(text: str) -> ParsedLine:
     if kind == "entry":
         return _entry(body)
     if kind == "reverse":
+        chain = body.get("chain")
         return Reverse(
             key=check_key(body["key"]),
             entry_key=check_key(body["entry_key"], "entry_key"),
             metadata=_metadata(body),
+            chain=None if chain is None else _chain(chain),
         )
     action: Literal["post", "void", "expire"] = (
         "post" if kind == "post" else "void" if kind == "void" else "expire"
@@ -545,8 +547,19 @@ SELECT t.entry_id, t.kind, d.code, c.code, s.code, t.amount::text, t.timeout_at,
 def _entry_line(entry: Any, transfers: list[Any]) -> dict[str, Any]:
     _id, key, kind, metadata, effective_at, reverses_key, chain_id, tx, log_index, block, block_hash = entry
     meta = _json_object(metadata)
+    chain = None
+    if chain_id is not None:
+        chain = {
+            "chain_id": chain_id,
+            "tx_hash": tx,
+            "log_index": log_index,
+            "block_number": block,
+            "block_hash": block_hash,
+        }
     if reverses_key is not None:
-        return _without_empty({"type": "reverse", "key": key, "entry_key": reverses_key, "metadata": meta})
+        return _without_empty(
+            {"type": "reverse", "key": key, "entry_key": reverses_key, "metadata": meta, "chain": chain}
+        )
     first = transfers[0]
     if first[1] in ("post_pending", "void_pending", "expire"):
         line: dict[str, Any] = {
@@ -566,15 +579,6 @@ def _entry_line(entry: Any, transfers: list[Any]) -> dict[str, Any]:
             if timeout_at is not None and not resolved:
                 leg["timeout_s"] = round((timeout_at - posted_at).total_seconds())
         legs.append(leg)
-    chain = None
-    if chain_id is not None:
-        chain = {
-            "chain_id": chain_id,
-            "tx_hash": tx,
-            "log_index": log_index,
-            "block_number": block,
-            "block_hash": block_hash,
-        }
     return _without_empty(
         {
             "type": "entry",

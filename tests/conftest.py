@@ -81,6 +81,10 @@ class Databases:
         with self._admin() as conn:
             clause = f' TEMPLATE "{template}"' if template else ""
             conn.execute(f'CREATE DATABASE "{name}"{clause}')
+            if template:
+                # Database-level privileges are not copied from a template; the migration
+                # revoked this one on the template, so a clone gets the same.
+                conn.execute(f'REVOKE TEMPORARY ON DATABASE "{name}" FROM PUBLIC')
         self.created.append(name)
         return name
 

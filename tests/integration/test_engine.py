@@ -607,6 +607,49 @@ def test_balance_at_a_block_counts_only_chain_entries_up_to_it(books: Books) -> 
         assert balance(conn, "chain:1:0xcustody")["balance"] == "1023"
 
 
+def test_a_reversal_with_a_chain_reference_counts_at_its_block(books: Books) -> None:
+    # An orphaned deposit is compensated by a reversal carrying the orphaned event's reference:
+    # at that block and after, the custody mirror no longer counts it. A reversal without a
+    # reference is on no block, so a balance at a block still counts what it reversed.
+    books.open("chain:1:0xvault", "asset")
+    for n, (amount, block) in enumerate([(500, 10), (60, 11), (7, 12)]):
+        books.created(
+            NewEntry(
+                f"chain:1:{n}",
+                (Leg("chain:1:0xvault", "alice", amount),),
+                chain=ChainRef(1, TX, n, block, BLOCK),
+            )
+        )
+    books.created(Reverse("orphaned", "chain:1:0", chain=ChainRef(1, TX, 0, 10, BLOCK)))
+    books.created(Reverse("corrected", "chain:1:1"))
+    with books.engine.connect() as conn:
+        assert balance(conn, "chain:1:0xvault", at_block=9)["balance"] == "0"
+        assert balance(conn, "chain:1:0xvault", at_block=10)["balance"] == "0"
+        assert balance(conn, "chain:1:0xvault", at_block=20)["balance"] == "67"
+        assert balance(conn, "chain:1:0xvault")["balance"] == "7"
+    books.check()
+
+
+def test_a_statement_with_no_lines_before_its_end_opens_at_that_time(books: Books) -> None:
+    books.deposit("fund", "alice", 100)
+    cut = _posted_at(books, "fund") + timedelta(microseconds=1)
+    time.sleep(0.01)
+    books.created(NewEntry("spend", (Leg("alice", "bob", 40),)))
+    with books.engine.connect() as conn:
+        after_fund = statement(conn, "alice", start=cut, end=cut + timedelta(microseconds=1))
+        before_any = statement(conn, "alice", end=_posted_at(books, "fund"))
+    assert (after_fund["lines"], after_fund["opening_balance"], after_fund["closing_balance"]) == (
+        [],
+        "100",
+        "100",
+    )
+    assert (before_any["lines"], before_any["opening_balance"], before_any["closing_balance"]) == (
+        [],
+        "0",
+        "0",
+    )
+
+
 def _book_history(books: Books) -> None:
     """17 transfers of alice: deposits, spends, incoming, holds posted, voided and open, a reversal."""
     books.deposit("fund-carol", "carol", 50)

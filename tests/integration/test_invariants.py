@@ -805,3 +805,75 @@ def test_raw_resolutions_must_match_their_hold(
         error = refused(conn, pg.CheckViolation, _INSERT_TRANSFER, row)
     assert "does not resolve a matching pending transfer" in str(error)
     assert ledger.state() == before
+
+
+# --- entries are whole ---------------------------------------------------------------
+
+
+def test_an_entry_without_transfers_is_refused_at_commit(ledger: Ledger) -> None:
+    # Such an entry would hold its key: the real booking would then answer "exists" and book nothing.
+    before = ledger.state()
+    with ledger.connect(app=True) as conn:
+        new_entry(conn, "chain:1:0xabc:0")
+        with pytest.raises(pg.CheckViolation) as info:
+            conn.commit()
+    assert "needs at least one transfer" in str(info.value)
+    assert ledger.state() == before
+
+
+def test_a_reversal_must_mirror_the_entry_it_reverses(ledger: Ledger) -> None:
+    # A stray "reversal" would otherwise block the real one (reversed at most once).
+    with ledger.connect(app=True) as conn:
+        target = conn.execute("SELECT id FROM ledger_entries WHERE idempotency_key = 'fund'").fetchone()
+        assert target is not None
+        before = ledger.state()
+        row = transfer_row(conn, ledger.ids["alice"], ledger.ids["bank"], 1)
+        entry = new_entry(conn, "fake-reversal", reverses_entry_id=target["id"])
+        row["entry_id"], row["posted_at"] = entry["id"], entry["posted_at"]
+        conn.execute(_INSERT_TRANSFER, row)
+        with pytest.raises(pg.CheckViolation) as info:
+            conn.commit()
+    assert "mirror image" in str(info.value)
+    assert ledger.state() == before
+
+
+def test_check_reports_an_entry_without_transfers(ledger: Ledger) -> None:
+    # Only an owner disabling the commit-time trigger gets one in; the check must notice.
+    with ledger.connect(app=False) as conn:
+        conn.execute("ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_complete")
+        new_entry(conn, "hollow")
+        conn.execute("ALTER TABLE ledger_entries ENABLE TRIGGER ledger_entries_complete")
+        conn.commit()
+    engine = db.make_engine(ledger.url, role=APP_ROLE, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            report = check_ledger(conn)
+    finally:
+        engine.dispose()
+    assert not report["ok"]
+    assert {"kind": "entry_without_transfers", "entry": "hollow"} in report["breaks"]
+
+
+def test_the_app_role_cannot_shadow_ledger_tables_with_temporary_ones(ledger: Ledger) -> None:
+    # A temporary ledger_transfers with a fake hold once let a void release funds twice
+    # inside the owner's trigger function; the role may not create temporary tables at all.
+    with ledger.connect(app=True) as conn:
+        refused(conn, pg.InsufficientPrivilege, "CREATE TEMP TABLE ledger_transfers (id bigint)")
+    with ledger.connect(app=False) as conn:
+        path = conn.execute(
+            "SELECT proconfig FROM pg_proc WHERE proname = 'ledger_apply_transfers'"
+        ).fetchone()
+    assert path is not None
+    assert "search_path=pg_catalog, public, pg_temp" in path["proconfig"]
+
+
+def test_the_migration_takes_temporary_tables_from_the_app_role(databases: Any) -> None:
+    name = databases.create()
+    url = databases.url(name)
+    db.upgrade(url, role=APP_ROLE)
+    with psycopg.connect(db.libpq_url(url)) as conn:
+        row = conn.execute(
+            "SELECT has_database_privilege(%s, current_database(), 'TEMP')", (APP_ROLE,)
+        ).fetchone()
+    databases.drop(name)
+    assert row is not None and row[0] is False
