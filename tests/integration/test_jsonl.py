@@ -373,6 +373,13 @@ def test_export_round_trip_reproduces_every_balance(
             hold("h-expire", "70", 1),
             hold("h-open", "10", 7200),
             {"type": "reverse", "key": "undo-dated", "entry_key": "dated"},
+            {
+                "type": "entry",
+                "key": "orphan",
+                "transfers": [{"debit": "treasury", "credit": "user:bob", "amount": "4"}],
+                "chain": chain,
+            },
+            {"type": "reverse", "key": "undo-orphan", "entry_key": "orphan", "chain": chain},
             {"type": "close", "code": "user:carol"},
         ),
     )
@@ -392,6 +399,12 @@ def test_export_round_trip_reproduces_every_balance(
     assert by_key["dated"]["effective_at"] == "2025-12-31T22:00:00+00:00"
     assert by_key["dated"]["chain"] == chain
     assert by_key["undo-dated"] == {"type": "reverse", "key": "undo-dated", "entry_key": "dated"}
+    assert by_key["undo-orphan"] == {
+        "type": "reverse",
+        "key": "undo-orphan",
+        "entry_key": "orphan",
+        "chain": chain,
+    }
     assert exported[-1] == {"type": "close", "code": "user:carol"}
 
     target_url = databases.url(databases.create(template=template_db))
