@@ -8,8 +8,10 @@ and each asserts the specific error and that nothing changed.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -877,3 +879,41 @@ def test_the_migration_takes_temporary_tables_from_the_app_role(databases: Any) 
         ).fetchone()
     databases.drop(name)
     assert row is not None and row[0] is False
+
+
+def test_a_timed_out_hold_can_only_expire(ledger: Ledger) -> None:
+    # Raw SQL may not post a hold past its timeout (the engine refuses it as pending_expired).
+    with ledger.connect(app=True) as conn:
+        hold = transfer_row(conn, ledger.ids["alice"], ledger.ids["bob"], 5, kind="pending")
+        in_entry(conn, "short-hold", hold)
+        hold["timeout_at"] = hold["posted_at"] + timedelta(milliseconds=1)
+        conn.execute(_INSERT_TRANSFER, hold)
+        conn.commit()
+    time.sleep(0.01)
+    hold_id, amount = hold_transfer_id(ledger, "short-hold")
+    before = ledger.state()
+    with ledger.connect(app=True) as conn:
+        post = transfer_row(
+            conn,
+            ledger.ids["alice"],
+            ledger.ids["bob"],
+            amount,
+            kind="post_pending",
+            pending_id=hold_id,
+            held=amount,
+        )
+        in_entry(conn, "late-post", post)
+        error = refused(conn, pg.CheckViolation, _INSERT_TRANSFER, post)
+    assert "does not resolve a matching pending transfer" in str(error)
+    assert ledger.state() == before
+
+
+def test_a_hold_cannot_time_out_before_it_is_booked(ledger: Ledger) -> None:
+    before = ledger.state()
+    with ledger.connect(app=True) as conn:
+        hold = transfer_row(conn, ledger.ids["alice"], ledger.ids["bob"], 5, kind="pending")
+        in_entry(conn, "born-expired", hold)
+        hold["timeout_at"] = hold["posted_at"]
+        error = refused(conn, pg.CheckViolation, _INSERT_TRANSFER, hold)
+    assert error.diag.constraint_name == "timeout_after_booking"
+    assert ledger.state() == before

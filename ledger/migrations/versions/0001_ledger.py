@@ -95,7 +95,8 @@ CREATE TABLE ledger_transfers (
     CONSTRAINT two_different_accounts CHECK (debit_account_id <> credit_account_id),
     CONSTRAINT resolution_names_pending CHECK (
         (kind IN ('post_pending', 'void_pending', 'expire')) = (pending_id IS NOT NULL)),
-    CONSTRAINT timeout_only_on_pending CHECK (timeout_at IS NULL OR kind = 'pending')
+    CONSTRAINT timeout_only_on_pending CHECK (timeout_at IS NULL OR kind = 'pending'),
+    CONSTRAINT timeout_after_booking CHECK (timeout_at IS NULL OR timeout_at > posted_at)
 );
 -- A pending transfer is resolved (posted, voided or expired) at most once.
 CREATE UNIQUE INDEX ledger_transfers_resolved_once ON ledger_transfers (pending_id)
@@ -268,7 +269,9 @@ BEGIN
             OR p.asset_id <> n.asset_id
             OR (n.kind = 'post_pending' AND n.amount > p.amount)
             OR (n.kind <> 'post_pending' AND n.amount <> p.amount)
-            OR (n.kind = 'expire' AND (p.timeout_at IS NULL OR p.timeout_at > n.posted_at)))
+            OR (n.kind = 'expire' AND (p.timeout_at IS NULL OR p.timeout_at > n.posted_at))
+            -- a timed-out hold can only expire
+            OR (n.kind <> 'expire' AND p.timeout_at <= n.posted_at))
      LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'transfer %: does not resolve a matching pending transfer', bad_id
