@@ -9,6 +9,8 @@ from ledger.errors import InvalidInput
 
 UINT256_LIMIT = 2**256
 _BASE_UNITS = re.compile(r"^[0-9]{1,78}$")
+# What Decimal() would also take (spaces, underscores, exponents, signs) is refused here.
+_DISPLAY = re.compile(r"^[0-9]{1,78}(\.[0-9]{1,78})?$")
 
 
 def check_amount(value: int, *, what: str = "amount") -> int:
@@ -44,6 +46,8 @@ def from_display(text: str, scale: int) -> int:
     """Parse "12.5" into base units; refuses more decimals than ``scale`` (no silent rounding)."""
     if not isinstance(text, str):
         raise InvalidInput("a display amount must be a decimal string, never a float")
+    if not _DISPLAY.fullmatch(text):
+        raise InvalidInput(f"not a plain decimal number (digits, one optional point): {text[:90]!r}")
     with localcontext() as ctx:
         ctx.prec = 120
         try:

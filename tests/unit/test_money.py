@@ -107,7 +107,6 @@ def test_to_display_is_exact(amount: int, scale: int, text: str) -> None:
         ("12.5", 18, 12_500_000_000_000_000_000),
         ("0.000000000000000001", 18, 1),
         ("1.50", 1, 15),  # trailing zeros beyond the scale lose nothing
-        ("1e-18", 18, 1),
         (
             "115792089237316195423570985008687907853269984665640564039457.584007913129639935",
             18,
@@ -152,3 +151,9 @@ def test_display_round_trip_is_exact(amount: int, scale: int) -> None:
     assert from_display(text, scale) == amount
     # The number of decimals shown is exactly the asset's scale.
     assert (len(text.partition(".")[2])) == scale
+
+
+@pytest.mark.parametrize("text", [" 1", "1 ", "1_0.5", "1e3", "+1", "-1", ".5", "1.", "", "\u0661"])
+def test_from_display_takes_only_plain_decimals(text: str) -> None:
+    with pytest.raises(InvalidInput):
+        from_display(text, 18)
