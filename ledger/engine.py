@@ -163,7 +163,7 @@ class _Batch:
         self.next_entry = 0
         self.next_transfer = 0
         self.plan = _Plan()
-        # Keys accepted earlier in this batch: key -> (content hash, entry id).
+        # Entries accepted earlier in this batch, by key.
         self.batch_entries: dict[str, _KnownEntry] = {}
 
     # --- reading -------------------------------------------------------------------------

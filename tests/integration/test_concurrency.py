@@ -21,14 +21,14 @@ import pytest
 import sqlalchemy as sa
 
 from ledger import db
-from ledger.accounts import create_account, create_asset, get_account
-from ledger.check import check_ledger
+from ledger.accounts import create_account, create_asset
 from ledger.commands import Command, Leg, NewEntry, Resolve
 from ledger.expiry import expire_holds
 from ledger.posting import Poster, PostingQueue
+from tests.books import assert_books_balance, totals
+from tests.conftest import APP_ROLE
 from tests.integration.test_engine import wait_for_lock_waiters
 
-APP_ROLE = "tracechain_app"
 PROCESSES = 6
 DOMAIN_CODES = {"exceeds_credits", "exceeds_debits", "pending_already_resolved", "idempotency_conflict"}
 
@@ -136,15 +136,10 @@ class Books:
         assert all(r.status == "created" for r in results), results
 
     def totals(self, code: str) -> tuple[int, int, int, int]:
-        with self.engine.connect() as conn:
-            a = get_account(conn, code)
-        return (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending)
+        return totals(self.engine, code)
 
     def check(self) -> dict[str, Any]:
-        with self.engine.connect() as conn:
-            report = check_ledger(conn)
-        assert report["ok"], report["breaks"]
-        return report
+        return assert_books_balance(self.engine)
 
 
 @pytest.fixture

@@ -32,8 +32,9 @@ from ledger.errors import Conflict, LedgerError
 from ledger.expiry import expire_holds
 from ledger.history import balance, statement
 from ledger.posting import Poster, PostingQueue
+from tests.books import assert_books_balance, totals
+from tests.conftest import APP_ROLE
 
-APP_ROLE = "tracechain_app"
 TX = "0x" + "11" * 32
 BLOCK = "0x" + "22" * 32
 
@@ -78,9 +79,7 @@ class Books:
 
     def totals(self, code: str) -> tuple[int, int, int, int]:
         """(debits_posted, credits_posted, debits_pending, credits_pending)."""
-        with self.engine.connect() as conn:
-            a = get_account(conn, code)
-        return (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending)
+        return totals(self.engine, code)
 
     def scalar(self, sql: str, **params: Any) -> Any:
         with self.engine.connect() as conn:
@@ -97,10 +96,7 @@ class Books:
         )
 
     def check(self) -> dict[str, Any]:
-        with self.engine.connect() as conn:
-            report = check_ledger(conn)
-        assert report["ok"], report["breaks"]
-        return report
+        return assert_books_balance(self.engine)
 
 
 @pytest.fixture

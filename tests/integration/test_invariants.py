@@ -22,12 +22,11 @@ from psycopg.rows import dict_row
 
 from ledger import db
 from ledger.accounts import create_account, create_asset, set_closed
-from ledger.check import check_ledger
 from ledger.commands import Leg, NewEntry, Resolve, Reverse
 from ledger.posting import Poster
-from tests.conftest import Databases
+from tests.books import check_report
+from tests.conftest import APP_ROLE, Databases
 
-APP_ROLE = "tracechain_app"
 UINT256_LIMIT = 2**256
 ZERO_HASH = b"\x00" * 32
 
@@ -80,12 +79,7 @@ class Ledger:
         return {"counts": counts, "accounts": accounts}
 
     def check(self) -> None:
-        engine = db.make_engine(self.url, role=APP_ROLE, pool_size=1)
-        try:
-            with engine.connect() as conn:
-                report = check_ledger(conn)
-        finally:
-            engine.dispose()
+        report = check_report(self.url)
         assert report["ok"], report["breaks"]
         assert all(asset["balanced"] for asset in report["trial_balance"].values())
 
@@ -846,12 +840,7 @@ def test_check_reports_an_entry_without_transfers(ledger: Ledger) -> None:
         new_entry(conn, "hollow")
         conn.execute("ALTER TABLE ledger_entries ENABLE TRIGGER ledger_entries_complete")
         conn.commit()
-    engine = db.make_engine(ledger.url, role=APP_ROLE, pool_size=1)
-    try:
-        with engine.connect() as conn:
-            report = check_ledger(conn)
-    finally:
-        engine.dispose()
+    report = check_report(ledger.url)
     assert not report["ok"]
     assert {"kind": "entry_without_transfers", "entry": "hollow"} in report["breaks"]
 

@@ -27,8 +27,8 @@ from ledger.jsonl import (
     read_lines,
 )
 from ledger.posting import Poster
+from tests.conftest import APP_ROLE
 
-APP_ROLE = "tracechain_app"
 TX = "0x" + "ab" * 32
 BLOCK = "0x" + "cd" * 32
 
