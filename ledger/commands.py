@@ -222,6 +222,8 @@ class NewEntry:
 class Resolve:
     """Resolve the hold booked under ``pending_key``.
 
+    ``chain`` places the resolution on chain (the confirmed transaction that settled the hold).
+
     ``action`` is ``post`` (``amount`` None posts all of it; a smaller amount posts that and
     releases the rest), ``void`` (release it) or ``expire`` (release it once its timeout passed).
     """
@@ -231,6 +233,7 @@ class Resolve:
     action: Literal["post", "void", "expire"]
     amount: int | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    chain: ChainRef | None = None
     metadata_json: str = field(init=False, repr=False, compare=False)
     content_hash: bytes = field(init=False, repr=False, compare=False)
 
@@ -243,10 +246,15 @@ class Resolve:
             if self.action != "post":
                 raise InvalidInput("only a post may name an amount")
             check_amount(self.amount)
+        if self.chain is not None and not isinstance(self.chain, ChainRef):
+            raise InvalidInput("chain must be a chain reference")
         meta = canonical_metadata(self.metadata)
         object.__setattr__(self, "metadata_json", meta)
         amount = None if self.amount is None else str(self.amount)
-        digest = _content_hash(["resolve", self.action, self.pending_key, amount, meta])
+        parts: list[Any] = ["resolve", self.action, self.pending_key, amount, meta]
+        if self.chain is not None:  # appended only when present: older keys keep their hash
+            parts.append(self.chain.as_list())
+        digest = _content_hash(parts)
         object.__setattr__(self, "content_hash", digest)
 
     @property

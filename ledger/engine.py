@@ -424,7 +424,7 @@ class _Batch:
         timeout_at = None
         if isinstance(command, NewEntry) and command.legs[0].timeout_s is not None:
             timeout_at = self.now + timedelta(seconds=command.legs[0].timeout_s)
-        chain = command.chain if isinstance(command, NewEntry | Reverse) else None
+        chain = command.chain
         block = chain.block_number if chain is not None else None
         first_transfer_id = self.transfer_ids[self.next_transfer]
         for row in rows:

@@ -36,6 +36,26 @@ class Settings:
     engine_linger_ms: float = 0.0
     test_database_url: str | None = None
     test_redis_url: str | None = None
+    rpc_url: str | None = None
+    chain_port: int = 8545
+    confirmations: int = 6
+    deployment_file: Path | None = None
+    # Private keys: kept out of repr so that a logged Settings never shows them.
+    signer_key: str | None = field(default=None, repr=False)
+    signer_keystore: Path | None = None
+    signer_keystore_password: str | None = field(default=None, repr=False)
+    deployer_key: str | None = field(default=None, repr=False)
+    fee_address: str | None = None
+    indexer_window_blocks: int = 2000
+    indexer_interval_s: float = 2.0
+    sender_interval_s: float = 1.0
+    sender_bump_after_s: float = 30.0
+    sender_max_in_flight: int = 64
+
+    @property
+    def deployment_path(self) -> Path:
+        """Where ``tracechain deploy`` writes the deployment record that every process reads."""
+        return self.deployment_file or self.data_dir / "deployment.json"
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
@@ -81,6 +101,11 @@ def _opt(env: Mapping[str, str], name: str) -> str | None:
     return raw if raw else None
 
 
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name)
+    return Path(raw) if raw else None
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (the process environment when omitted)."""
     source: Mapping[str, str] = os.environ if env is None else env
@@ -102,4 +127,18 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         engine_linger_ms=_float(source, "TRACE_ENGINE_LINGER_MS", 0.0, 1000.0),
         test_database_url=_opt(source, "TRACE_TEST_DATABASE_URL"),
         test_redis_url=_opt(source, "TRACE_TEST_REDIS_URL"),
+        rpc_url=_opt(source, "TRACE_RPC_URL"),
+        chain_port=_int(source, "TRACE_CHAIN_PORT", 8545, 1, 65535),
+        confirmations=_int(source, "TRACE_CONFIRMATIONS", 6, 0, 1000),
+        deployment_file=_path(source, "TRACE_DEPLOYMENT_FILE"),
+        signer_key=_opt(source, "TRACE_SIGNER_KEY"),
+        signer_keystore=_path(source, "TRACE_SIGNER_KEYSTORE"),
+        signer_keystore_password=_opt(source, "TRACE_SIGNER_KEYSTORE_PASSWORD"),
+        deployer_key=_opt(source, "TRACE_DEPLOYER_KEY"),
+        fee_address=_opt(source, "TRACE_FEE_ADDRESS"),
+        indexer_window_blocks=_int(source, "TRACE_INDEXER_WINDOW_BLOCKS", 2000, 1, 100_000),
+        indexer_interval_s=_float(source, "TRACE_INDEXER_INTERVAL_S", 2.0, 3600.0),
+        sender_interval_s=_float(source, "TRACE_SENDER_INTERVAL_S", 1.0, 3600.0),
+        sender_bump_after_s=_float(source, "TRACE_SENDER_BUMP_AFTER_S", 30.0, 86_400.0),
+        sender_max_in_flight=_int(source, "TRACE_SENDER_MAX_IN_FLIGHT", 64, 1, 10_000),
     )

@@ -1,0 +1,203 @@
+"""The outbox of chain actions (DESIGN §6): written in the same transaction as the ledger holds
+that reserve the funds, settled when the chain's receipt is confirmed.
+
+No web3 here: a chain action is an address, calldata, value and gas limit; signing and sending
+belong to the sender in ``workers``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import sqlalchemy as sa
+
+from ledger.accounts import Created
+from ledger.commands import ChainRef, NewEntry, Resolve, canonical_metadata, check_key
+from ledger.custody import check_address
+from ledger.engine import post_batch
+from ledger.errors import Conflict, InvalidInput, LedgerError
+from ledger.exceptions_queue import open_exception
+from ledger.money import check_amount
+
+_ACTION = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+GAS_LIMIT_MAX = 30_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class ChainAction:
+    """One transaction the platform decided to send, from ``signer`` to ``to_address``."""
+
+    key: str
+    chain_id: int
+    signer: str
+    action: str
+    to_address: str
+    data: bytes
+    gas_limit: int
+    value: int = 0
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_key(self.key)
+        if isinstance(self.chain_id, bool) or not isinstance(self.chain_id, int) or self.chain_id <= 0:
+            raise InvalidInput("chain_id must be a positive integer")
+        object.__setattr__(self, "signer", check_address(self.signer))
+        object.__setattr__(self, "to_address", check_address(self.to_address))
+        if not isinstance(self.action, str) or not _ACTION.fullmatch(self.action):
+            raise InvalidInput(f"action must match {_ACTION.pattern}")
+        if not isinstance(self.data, bytes):
+            raise InvalidInput("data must be bytes")
+        if isinstance(self.gas_limit, bool) or not isinstance(self.gas_limit, int):
+            raise InvalidInput("gas_limit must be an integer")
+        if not 21_000 <= self.gas_limit <= GAS_LIMIT_MAX:
+            raise InvalidInput(f"gas_limit must be between 21000 and {GAS_LIMIT_MAX}")
+        if self.value != 0:
+            check_amount(self.value)
+        canonical_metadata(self.metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    key: str
+    status: str
+    hold_keys: tuple[str, ...]
+    tx_hash: str | None
+    nonce: int | None
+
+
+def enqueue(
+    conn: sa.Connection, action: ChainAction, holds: Sequence[NewEntry] = ()
+) -> tuple[OutboxRow, Created]:
+    """Book ``holds`` and write the outbox row for ``action`` in the caller's transaction.
+
+    Idempotent on ``action.key``: the same action again returns the existing row (``exists``),
+    a different one under the same key is an idempotency conflict. A hold the ledger refuses
+    (e.g. insufficient funds) refuses the whole action; the caller's transaction must then be
+    rolled back, and nothing is written.
+    """
+    if any(len(h.legs) != 1 or not h.legs[0].pending for h in holds):
+        raise InvalidInput("each hold of a chain action must be one pending transfer")
+    hold_keys = [h.key for h in holds]
+    if len(set(hold_keys)) != len(hold_keys):
+        raise InvalidInput("the holds of a chain action need distinct keys")
+    existing = _get(conn, action.key)
+    if existing is not None:
+        if not _same(conn, existing.id, action, hold_keys):
+            raise Conflict("idempotency_conflict", f"chain action {action.key!r} exists with other content")
+        return existing, "exists"
+    results = post_batch(conn, list(holds))
+    for hold, result in zip(holds, results, strict=True):
+        if result.status == "rejected":
+            raise LedgerError(result.code or "rejected", f"hold {hold.key!r}: {result.reason}")
+    row = conn.execute(
+        sa.text(
+            "INSERT INTO chain_outbox (key, chain_id, signer, action, to_address, data, value, gas_limit,"
+            " hold_keys, metadata) VALUES (:key, :chain_id, :signer, :action, :to, :data, :value, :gas,"
+            " :holds, CAST(:meta AS jsonb)) RETURNING id"
+        ),
+        {
+            "key": action.key,
+            "chain_id": action.chain_id,
+            "signer": action.signer,
+            "action": action.action,
+            "to": action.to_address,
+            "data": action.data,
+            "value": action.value,
+            "gas": action.gas_limit,
+            "holds": hold_keys,
+            "meta": canonical_metadata(action.metadata),
+        },
+    ).scalar_one()
+    return OutboxRow(int(row), action.key, "queued", tuple(hold_keys), None, None), "created"
+
+
+def _get(conn: sa.Connection, key: str) -> OutboxRow | None:
+    row = conn.execute(
+        sa.text("SELECT id, key, status, hold_keys, tx_hash, nonce FROM chain_outbox WHERE key = :k"),
+        {"k": key},
+    ).first()
+    if row is None:
+        return None
+    return OutboxRow(row.id, row.key, row.status, tuple(row.hold_keys), row.tx_hash, row.nonce)
+
+
+def _same(conn: sa.Connection, outbox_id: int, action: ChainAction, hold_keys: list[str]) -> bool:
+    row = conn.execute(
+        sa.text(
+            "SELECT chain_id, signer, action, to_address, data, value, gas_limit, hold_keys, metadata"
+            " FROM chain_outbox WHERE id = :id"
+        ),
+        {"id": outbox_id},
+    ).one()
+    return (
+        row.chain_id == action.chain_id
+        and row.signer == action.signer
+        and row.action == action.action
+        and row.to_address == action.to_address
+        and bytes(row.data) == action.data
+        and int(row.value) == action.value
+        and row.gas_limit == action.gas_limit
+        and list(row.hold_keys) == hold_keys
+        and json.dumps(row.metadata, sort_keys=True) == json.dumps(dict(action.metadata), sort_keys=True)
+    )
+
+
+def settle(
+    conn: sa.Connection,
+    outbox_id: int,
+    *,
+    succeeded: bool,
+    tx_hash: str,
+    block_number: int,
+    block_hash: str,
+    error: str | None = None,
+    chain_refs: Mapping[str, ChainRef] | None = None,
+) -> str:
+    """Settle a row on its confirmed receipt: success posts its holds, failure voids them and
+    raises an exception for finance. Returns the row's final status; settling twice is a no-op."""
+    row = conn.execute(
+        sa.text("SELECT key, status, hold_keys, chain_id FROM chain_outbox WHERE id = :id FOR UPDATE"),
+        {"id": outbox_id},
+    ).one()
+    if row.status in ("confirmed", "failed"):
+        return str(row.status)
+    if row.status not in ("signed", "sent"):
+        raise InvalidInput(f"outbox row {row.key!r} is {row.status}; only a sent action settles")
+    refs = chain_refs or {}
+    action: Literal["post", "void"] = "post" if succeeded else "void"
+    commands = [
+        Resolve(
+            key=f"settle:{hold_key}",
+            pending_key=hold_key,
+            action=action,
+            metadata={"outbox": row.key, "tx_hash": tx_hash, "block_number": block_number},
+            chain=refs.get(hold_key),
+        )
+        for hold_key in row.hold_keys
+    ]
+    results = post_batch(conn, commands)
+    for command, result in zip(commands, results, strict=True):
+        if result.status == "rejected":
+            raise LedgerError(result.code or "rejected", f"settling {command.key!r}: {result.reason}")
+    status = "confirmed" if succeeded else "failed"
+    conn.execute(
+        sa.text(
+            "UPDATE chain_outbox SET status = :s, tx_hash = :tx, block_number = :bn, block_hash = :bh,"
+            " error = :err, updated_at = now() WHERE id = :id"
+        ),
+        {"s": status, "tx": tx_hash, "bn": block_number, "bh": block_hash, "err": error, "id": outbox_id},
+    )
+    if not succeeded:
+        open_exception(
+            conn,
+            f"outbox_failed:{row.key}",
+            "chain_action_failed",
+            {"outbox": row.key, "error": error or "reverted", "holds_voided": list(row.hold_keys)},
+            entry_key=None,
+        )
+    return status
