@@ -33,20 +33,20 @@ def runtime_of(celery: Celery) -> Runtime:
 def register(celery: Celery) -> None:
     """Register every task on ``celery`` under its explicit name."""
 
-    @celery.task(name=app_module.TASK_INDEX, base=TraceTask, bind=True)
+    @celery.task(name=app_module.TASK_INDEX, base=TraceTask, bind=True, shared=False)
     def index_chain(self: TraceTask) -> dict[str, Any]:
         report = runtime_of(celery).indexer().run_once()
         log.info("task.index_chain", **report.as_dict())
         return report.as_dict()
 
-    @celery.task(name=app_module.TASK_SEND, base=TraceTask, bind=True)
+    @celery.task(name=app_module.TASK_SEND, base=TraceTask, bind=True, shared=False)
     def send_outbox(self: TraceTask) -> dict[str, Any]:
         report = runtime_of(celery).sender().run_once()
         if report.signed or report.confirmed or report.failed or report.bumped:
             log.info("task.send_outbox", **report.as_dict())
         return report.as_dict()
 
-    @celery.task(name=app_module.TASK_EXPIRE_HOLDS, base=TraceTask, bind=True)
+    @celery.task(name=app_module.TASK_EXPIRE_HOLDS, base=TraceTask, bind=True, shared=False)
     def expire_timed_out_holds(self: TraceTask) -> int:
         results = expire_holds(Poster(runtime_of(celery).engine))
         created = sum(1 for r in results if r.status == "created")

@@ -27,6 +27,13 @@ _SUBCOMMANDS = {
     "web": "admin_api.cli.serve:web",
     "dev": "admin_api.cli.serve:dev",
     "bench": "admin_api.bench:bench",
+    "chain": "admin_api.cli.chain:chain",
+    "index": "admin_api.cli.chainops:index",
+    "send": "admin_api.cli.chainops:send",
+    "worker": "admin_api.cli.chainops:worker",
+    "sender": "admin_api.cli.chainops:sender",
+    "beat": "admin_api.cli.chainops:beat",
+    "deploy": "admin_api.cli.chainops:deploy",
 }
 _OPTIONAL = frozenset({"bench"})
 

@@ -1,0 +1,194 @@
+"""The worker cluster's processes: ``tracechain index|send`` (one pass or a loop, without Celery)
+and ``tracechain worker|sender|beat`` (the Celery processes of the Procfile)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import click
+from web3 import Web3
+
+from admin_api.cli.runtime import BadUsage, Failed, app_engine, emit
+from contracts.client import ChainClient, ProviderError
+from contracts.deployment import Deployment, DeploymentError
+from contracts.events import LogDecoder
+from ledger.settings import Settings
+from workers.app import QUEUE_CHAIN, QUEUE_CHAIN_SEND, QUEUE_LEDGER
+from workers.indexer import Indexer
+from workers.indexer import run_forever as index_forever
+from workers.keys import SigningKeyError, load_signer
+from workers.sender import Sender
+from workers.sender import run_forever as send_forever
+
+
+def _deployment(settings: Settings) -> Deployment:
+    try:
+        return Deployment.load(settings.deployment_path)
+    except DeploymentError as exc:
+        raise Failed(str(exc)) from exc
+
+
+def _w3(settings: Settings) -> Web3:
+    if not settings.rpc_url:
+        raise BadUsage("TRACE_RPC_URL is not set (the chain's JSON-RPC URL)")
+    return Web3(Web3.HTTPProvider(settings.rpc_url, request_kwargs={"timeout": 30}))
+
+
+def _stop_flag() -> threading.Event:
+    stop = threading.Event()
+
+    def request_stop(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    return stop
+
+
+@click.command("index")
+@click.option("--once", is_flag=True, help="One pass (catch up, hand over confirmed events), then exit.")
+@click.pass_obj
+def index(settings: Settings, once: bool) -> None:
+    """Index the deployment's logs into the database; prints the JSON report of each pass with --once."""
+    deployment = _deployment(settings)
+    w3 = _w3(settings)
+    with app_engine(settings, pool_size=3) as engine:
+        indexer = Indexer(
+            engine,
+            ChainClient(w3),
+            deployment,
+            LogDecoder(),
+            confirmations=settings.confirmations,
+            window_max=settings.indexer_window_blocks,
+        )
+        if once:
+            try:
+                emit(indexer.run_once().as_dict())
+            except ProviderError as exc:
+                raise Failed(f"the chain node failed: {exc}") from exc
+            return
+        stop = _stop_flag()
+        index_forever(indexer, settings.indexer_interval_s, stop.is_set)
+
+
+@click.command("send")
+@click.option("--once", is_flag=True, help="One pass (sign, broadcast, settle, bump), then exit.")
+@click.pass_obj
+def send(settings: Settings, once: bool) -> None:
+    """Send the outbox of the signing key (TRACE_SIGNER_KEY or keystore) to the chain."""
+    deployment = _deployment(settings)
+    w3 = _w3(settings)
+    try:
+        account = load_signer(settings)
+    except SigningKeyError as exc:
+        raise BadUsage(str(exc)) from exc
+    with app_engine(settings, pool_size=3) as engine:
+        sender = Sender(
+            engine,
+            w3,
+            account,
+            deployment.chain_id,
+            confirmations=settings.confirmations,
+            bump_after_s=settings.sender_bump_after_s,
+            max_in_flight=settings.sender_max_in_flight,
+        )
+        if once:
+            try:
+                emit(sender.run_once().as_dict())
+            except ProviderError as exc:
+                raise Failed(f"the chain node failed: {exc}") from exc
+            return
+        stop = _stop_flag()
+        send_forever(sender, settings.sender_interval_s, stop.is_set)
+
+
+def _celery_main(argv: list[str]) -> None:
+    from workers.app import app
+
+    if argv[0] == "worker":
+        app.worker_main(argv)
+    else:
+        app.start(argv)
+
+
+@click.command("worker")
+@click.option("--concurrency", "-c", default=2, show_default=True, help="Worker processes.")
+def worker(concurrency: int) -> None:
+    """The Celery worker of the domain queues (ledger, chain)."""
+    _celery_main(
+        [
+            "worker",
+            "-Q",
+            f"{QUEUE_LEDGER},{QUEUE_CHAIN}",
+            "-c",
+            str(concurrency),
+            "-n",
+            "worker@%h",
+            "-l",
+            "INFO",
+        ]
+    )
+
+
+@click.command("sender")
+def sender() -> None:
+    """The Celery worker of the chain-send queue: one process, one task at a time, per signing key."""
+    _celery_main(["worker", "-Q", QUEUE_CHAIN_SEND, "-P", "solo", "-c", "1", "-n", "sender@%h", "-l", "INFO"])
+
+
+@click.command("beat")
+@click.option("--schedule-file", default=None, help="Where beat keeps its schedule state.")
+@click.pass_obj
+def beat(settings: Settings, schedule_file: str | None) -> None:
+    """The one beat process: schedules the indexer, the sender and the sweeps."""
+    path = schedule_file or str(settings.data_dir / "celerybeat-schedule")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _celery_main(["beat", "-s", path, "-l", "INFO"])
+
+
+@click.command("deploy")
+@click.option(
+    "--grace-seconds", default=3 * 86_400, show_default=True, type=click.IntRange(0, 10 * 365 * 86_400)
+)
+@click.option("--force", is_flag=True, help="Deploy again even if the recorded deployment is live.")
+@click.pass_obj
+def deploy(settings: Settings, grace_seconds: int, force: bool) -> None:
+    """Deploy the contracts to TRACE_RPC_URL and write the deployment record (printed as JSON).
+
+    The deployer key (TRACE_DEPLOYER_KEY, else the signing key) becomes the contracts' admin; the
+    signing key gets the minter and arbiter roles and is the treasury wallet; TRACE_FEE_ADDRESS
+    (else the signing key's address) receives escrow fees. A record whose contracts are live on
+    the chain is kept (exit 0, printed) unless --force.
+    """
+    from dataclasses import asdict
+
+    from contracts.bindings import ChainTxFailed
+    from contracts.deploy import deploy_platform, is_live
+    from workers.keys import load_deployer
+
+    w3 = _w3(settings)
+    path = settings.deployment_path
+    if path.exists() and not force:
+        existing = _deployment(settings)
+        if is_live(w3, existing):
+            emit({"status": "exists", "path": str(path), **asdict(existing)})
+            return
+    try:
+        deployer = load_deployer(settings)
+        signer = load_signer(settings)
+    except SigningKeyError as exc:
+        raise BadUsage(str(exc)) from exc
+    try:
+        record = deploy_platform(
+            w3,
+            deployer,
+            signer=signer.address,
+            fee_wallet=settings.fee_address or signer.address,
+            grace_seconds=grace_seconds,
+        )
+    except (ChainTxFailed, ProviderError) as exc:
+        raise Failed(f"deployment failed: {exc}") from exc
+    record.save(path)
+    emit({"status": "created", "path": str(path), **asdict(record)})
