@@ -161,15 +161,105 @@ def _wait_until_serving(process: subprocess.Popen[bytes], api_url: str, stop: th
     return False
 
 
+CHAIN_START_TIMEOUT_S = 60.0
+DEV_BLOCK_TIME_S = 1  # the dev chain mines on its own too, so confirmations accrue while idle
+# Roles of the development accounts (well-known keys: development only).
+DEV_DEPLOYER, DEV_SIGNER, DEV_FEE_WALLET = 0, 1, 2
+
+
+def _wait_for_chain(
+    process: subprocess.Popen[bytes] | None, rpc_url: str, stop: threading.Event
+) -> int | None:
+    """The chain id once the node answers; None if asked to stop first."""
+    import httpx
+
+    deadline = time.monotonic() + CHAIN_START_TIMEOUT_S
+    while not stop.is_set():
+        if process is not None and process.poll() is not None:
+            raise Failed(f"the dev chain exited with status {process.returncode} while starting")
+        try:
+            answer = httpx.post(
+                rpc_url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, timeout=2.0
+            ).json()
+            return int(answer["result"], 16)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            pass
+        if time.monotonic() > deadline:
+            raise Failed(f"no chain answered at {rpc_url} within {CHAIN_START_TIMEOUT_S:.0f} s")
+        stop.wait(0.2)
+    return None
+
+
+def _chain_settings(settings: Settings, embedded_chain: bool) -> Settings:
+    """With the embedded dev chain and no keys configured, the development accounts sign."""
+    if not embedded_chain or settings.signer_key or settings.signer_keystore:
+        return settings
+    from eth_account import Account
+
+    from contracts.anvil import dev_private_key
+
+    return replace(
+        settings,
+        signer_key=dev_private_key(DEV_SIGNER),
+        deployer_key=settings.deployer_key or dev_private_key(DEV_DEPLOYER),
+        fee_address=settings.fee_address or Account.from_key(dev_private_key(DEV_FEE_WALLET)).address,
+    )
+
+
+def _deploy_once(settings: Settings, rpc_url: str) -> tuple[Any, bool]:
+    """The live deployment of the record, or a new one written to it; (record, created now)."""
+    from web3 import Web3
+
+    from contracts.deploy import deploy_platform, is_live
+    from contracts.deployment import Deployment, DeploymentError
+    from workers.keys import SigningKeyError, load_deployer, load_signer
+
+    w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 30}))
+    path = settings.deployment_path
+    if path.exists():
+        try:
+            existing = Deployment.load(path)
+        except DeploymentError as exc:
+            raise Failed(str(exc)) from exc
+        if is_live(w3, existing):
+            return existing, False
+        log.warning("dev.redeploy", reason="the recorded contracts are not on this chain", path=str(path))
+    try:
+        deployer, signer = load_deployer(settings), load_signer(settings)
+    except SigningKeyError as exc:
+        raise Failed(str(exc)) from exc
+    record = deploy_platform(
+        w3, deployer, signer=signer.address, fee_wallet=settings.fee_address or signer.address
+    )
+    record.save(path)
+    return record, True
+
+
+def _child_env(settings: Settings, **urls: str) -> dict[str, str]:
+    env = {**os.environ, **urls, "TRACE_DEPLOYMENT_FILE": str(settings.deployment_path.resolve())}
+    env["TRACE_DATA_DIR"] = str(settings.data_dir.resolve())
+    for name, value in (
+        ("TRACE_SIGNER_KEY", settings.signer_key),
+        ("TRACE_DEPLOYER_KEY", settings.deployer_key),
+        ("TRACE_FEE_ADDRESS", settings.fee_address),
+    ):
+        if value:
+            env[name] = value
+    return env
+
+
 @click.command("dev")
 @click.pass_obj
 def dev(settings: Settings) -> None:
-    """Run everything locally (PostgreSQL, Redis, the admin API).
+    """Run everything locally: PostgreSQL, Redis, the dev chain, the admin API and the workers.
 
-    Starts the servers, migrates, makes sure an admin API key exists and serves the API.
+    Starts the servers and the dev chain, migrates, deploys the contracts once, makes sure an
+    admin API key exists, then runs the admin API, the Celery worker, the sender and beat.
 
     Without TRACE_DATABASE_URL / TRACE_REDIS_URL the embedded servers run under TRACE_DATA_DIR
-    and keep their data there for the next start. Ctrl-C (or SIGTERM) stops everything.
+    and keep their data there for the next start; without TRACE_RPC_URL the embedded dev chain
+    runs on TRACE_CHAIN_PORT (its state lives in memory: a restart deploys again). Ctrl-C (or
+    SIGTERM) stops everything.
     """
     from admin_api.embedded import EmbeddedService, EmbeddedServiceError, start_postgres, start_redis
 
@@ -181,7 +271,16 @@ def dev(settings: Settings) -> None:
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     services: list[EmbeddedService] = []
-    web_process: subprocess.Popen[bytes] | None = None
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start_child(name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        # Its own session: a terminal's Ctrl-C reaches only us, and we stop children in order.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "admin_api.cli", *args], env=env, start_new_session=True
+        )
+        children.append((name, process))
+        return process
+
     try:
         try:
             if settings.database_url:
@@ -198,18 +297,38 @@ def dev(settings: Settings) -> None:
             raise Failed(f"cannot start an embedded server: {exc}") from exc
         if stop.is_set():
             return
+        embedded_chain = not settings.rpc_url
+        rpc_url = settings.rpc_url or f"http://127.0.0.1:{settings.chain_port}"
+        chain_process = None
+        if embedded_chain:
+            chain_process = start_child(
+                "chain",
+                ["chain", "--port", str(settings.chain_port), "--block-time", str(DEV_BLOCK_TIME_S)],
+                {**os.environ},
+            )
+        chain_id = _wait_for_chain(chain_process, rpc_url, stop)
+        if chain_id is None:
+            return
         revision = db.upgrade(pg_url, role=settings.db_role)
         key, created = ensure_admin_key(settings, pg_url)
+        settings = _chain_settings(settings, embedded_chain)
+        deployment, deployed = _deploy_once(settings, rpc_url)
         if stop.is_set():
             return
-        env = {**os.environ, "TRACE_DATABASE_URL": pg_url, "TRACE_REDIS_URL": redis_url}
-        # Its own session: a terminal's Ctrl-C reaches only us, and we stop it in order.
-        web_process = subprocess.Popen(
-            [sys.executable, "-m", "admin_api.cli", "web"], env=env, start_new_session=True
+        env = _child_env(
+            settings, TRACE_DATABASE_URL=pg_url, TRACE_REDIS_URL=redis_url, TRACE_RPC_URL=rpc_url
         )
+        web_process = start_child("web", ["web"], env)
         api_url = f"http://{settings.api_host}:{settings.api_port}"
         if not _wait_until_serving(web_process, api_url, stop):
             return
+        start_child("worker", ["worker", "--concurrency", "1"], env)
+        start_child("sender", ["sender"], env)
+        start_child("beat", ["beat"], env)
+        chain_note = ", embedded dev chain" if embedded_chain else ""
+        from web3 import Web3
+
+        checksum = Web3.to_checksum_address
         for line in (
             "TraceChain dev is running; Ctrl-C stops it.",
             f"  API:            {api_url}",
@@ -217,16 +336,24 @@ def dev(settings: Settings) -> None:
             f"  OpenAPI:        {api_url}/openapi.json",
             f"  PostgreSQL:     {shown_url(pg_url)}  (revision {revision})",
             f"  Redis:          {_shown_redis(redis_url)}",
+            f"  Chain:          {rpc_url}  (chain id {chain_id}{chain_note})",
+            f"  Token:          {checksum(deployment.token)}" + ("  (deployed now)" if deployed else ""),
+            f"  Escrow:         {checksum(deployment.escrow)}",
+            f"  Staking vault:  {checksum(deployment.vault)}",
+            f"  Treasury:       {checksum(deployment.treasury)}",
+            "  Workers:        worker (ledger, chain queues), sender (chain-send), beat",
             f"  Admin API key:  {key}" + ("  (new)" if created else ""),
             f"  Data:           {settings.data_dir.resolve()}",
         ):
             click.echo(line)
         while not stop.wait(0.5):
-            if web_process.poll() is not None:
-                raise Failed(f"the admin API exited with status {web_process.returncode}")
+            for name, process in children:
+                if process.poll() is not None:
+                    raise Failed(f"{name} exited with status {process.returncode}")
     finally:
-        if web_process is not None:
-            _stop_process(web_process, WEB_STOP_TIMEOUT_S)
+        for name, process in reversed(children):
+            log.info("dev.stopping_process", process=name)
+            _stop_process(process, WEB_STOP_TIMEOUT_S)
         for service in reversed(services):
             try:
                 service.stop()
