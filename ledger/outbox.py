@@ -78,10 +78,14 @@ def enqueue(
     Idempotent on ``action.key``: the same action again returns the existing row (``exists``),
     a different one under the same key is an idempotency conflict. A hold the ledger refuses
     (e.g. insufficient funds) refuses the whole action; the caller's transaction must then be
-    rolled back, and nothing is written.
+    rolled back, and nothing is written. So is a hold whose key is already booked: each action
+    books its own holds.
     """
     if any(len(h.legs) != 1 or not h.legs[0].pending for h in holds):
         raise InvalidInput("each hold of a chain action must be one pending transfer")
+    if any(h.legs[0].timeout_s is not None for h in holds):
+        # A hold that timed out could no longer be posted when the transaction confirms.
+        raise InvalidInput("the holds of a chain action must not time out")
     hold_keys = [h.key for h in holds]
     if len(set(hold_keys)) != len(hold_keys):
         raise InvalidInput("the holds of a chain action need distinct keys")
@@ -94,6 +98,9 @@ def enqueue(
     for hold, result in zip(holds, results, strict=True):
         if result.status == "rejected":
             raise LedgerError(result.code or "rejected", f"hold {hold.key!r}: {result.reason}")
+        if result.status == "exists":
+            # Booked before, for another action: one reservation must not fund two transactions.
+            raise Conflict("hold_exists", f"hold {hold.key!r} is already booked; each action books its own")
     row = conn.execute(
         sa.text(
             "INSERT INTO chain_outbox (key, chain_id, signer, action, to_address, data, value, gas_limit,"

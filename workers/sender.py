@@ -248,6 +248,11 @@ class Sender:
                 return
             if "underpriced" in text:
                 return  # a bumped version of the same nonce is already in the pool
+            if "less than block base fee" in text:
+                # The base fee rose past this version's max fee (anvil refuses it outright). Retrying
+                # it would fail every pass and hold back every later nonce; the fee bump replaces it.
+                log.warning("sender.fee_below_base_fee", error=text[:200])
+                return
             raise ProviderError(str(exc)) from exc
         except (Web3Exception, OSError) as exc:
             text = str(exc).lower()
