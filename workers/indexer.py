@@ -13,8 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +26,7 @@ from contracts.deployment import Deployment
 from ledger import custody, exceptions_queue
 from ledger.commands import ChainRef, Command
 from ledger.engine import post_batch
+from workers import locks
 
 log = structlog.get_logger(__name__)
 
@@ -36,7 +36,6 @@ REORG_MARGIN = 64
 WINDOW_MIN = 1
 HANDLE_BATCH = 2000
 MAX_WINDOWS_PER_RUN = 500
-_LOCK_CLASS = 7_310_001  # advisory lock namespace of the indexer (second key: chain id)
 
 Decoded = tuple[str, dict[str, Any]]
 Decoder = Callable[[RawLog], Decoded | None]
@@ -107,7 +106,7 @@ class Indexer:
     def run_once(self, max_windows: int = MAX_WINDOWS_PER_RUN) -> RunReport:
         """Catch up with the chain (bounded), then hand confirmed events to the handlers."""
         report = RunReport(self.chain_id)
-        with self._locked() as got_lock:
+        with locks.exclusive(self.engine, locks.INDEXER_LOCKS, self.chain_id) as got_lock:
             if not got_lock:
                 report.skipped_locked = True
                 return report
@@ -129,24 +128,6 @@ class Indexer:
             report.indexed_block = cursor["indexed_block"]
             report.handled_block = cursor["handled_block"]
         return report
-
-    @contextmanager
-    def _locked(self) -> Iterator[bool]:
-        with self.engine.connect() as conn:
-            got = conn.execute(
-                sa.text("SELECT pg_try_advisory_lock(:cls, :key)"),
-                {"cls": _LOCK_CLASS, "key": self.chain_id % 2**31},
-            ).scalar_one()
-            conn.commit()
-            try:
-                yield bool(got)
-            finally:
-                if got:
-                    conn.execute(
-                        sa.text("SELECT pg_advisory_unlock(:cls, :key)"),
-                        {"cls": _LOCK_CLASS, "key": self.chain_id % 2**31},
-                    )
-                    conn.commit()
 
     def _ensure_cursor(self) -> None:
         with self.engine.begin() as conn:

@@ -9,6 +9,7 @@ import os
 import threading
 
 import sqlalchemy as sa
+from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from contracts.client import ChainClient
@@ -69,22 +70,36 @@ class Runtime:
     def indexer(self) -> Indexer:
         if self._decoder is None:
             self._decoder = LogDecoder()
-        return Indexer(
-            self.engine,
-            ChainClient(self.w3),
-            self.deployment,
-            self._decoder,
-            confirmations=self.settings.confirmations,
-            window_max=self.settings.indexer_window_blocks,
-        )
+        return build_indexer(self.settings, self.engine, self.w3, self.deployment, self._decoder)
 
     def sender(self) -> Sender:
-        return Sender(
-            self.engine,
-            self.w3,
-            load_signer(self.settings),
-            self.deployment.chain_id,
-            confirmations=self.settings.confirmations,
-            bump_after_s=self.settings.sender_bump_after_s,
-            max_in_flight=self.settings.sender_max_in_flight,
-        )
+        return build_sender(self.settings, self.engine, self.w3, self.deployment, load_signer(self.settings))
+
+
+def build_indexer(
+    settings: Settings, engine: sa.Engine, w3: Web3, deployment: Deployment, decoder: LogDecoder | None = None
+) -> Indexer:
+    """The indexer of ``deployment`` as the settings configure it."""
+    return Indexer(
+        engine,
+        ChainClient(w3),
+        deployment,
+        decoder or LogDecoder(),
+        confirmations=settings.confirmations,
+        window_max=settings.indexer_window_blocks,
+    )
+
+
+def build_sender(
+    settings: Settings, engine: sa.Engine, w3: Web3, deployment: Deployment, account: LocalAccount
+) -> Sender:
+    """The sender of ``account`` on the deployment's chain as the settings configure it."""
+    return Sender(
+        engine,
+        w3,
+        account,
+        deployment.chain_id,
+        confirmations=settings.confirmations,
+        bump_after_s=settings.sender_bump_after_s,
+        max_in_flight=settings.sender_max_in_flight,
+    )

@@ -16,8 +16,7 @@ never skipped: rows get consecutive nonces in the commit that signs them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,10 +29,10 @@ from web3.exceptions import TransactionNotFound, Web3Exception, Web3RPCError
 
 from contracts.client import ProviderError, hex32
 from ledger import outbox
+from workers import locks
 
 log = structlog.get_logger(__name__)
 
-_LOCK_CLASS = 7_310_002  # advisory lock namespace of senders (second key: hash of the address)
 BUMP_PERCENT = 125  # geth needs >= 110% of both fees to replace a pending transaction
 PRIORITY_FEE_DEFAULT = 1_000_000_000
 
@@ -80,7 +79,7 @@ class Sender:
 
     def run_once(self) -> SenderReport:
         report = SenderReport()
-        with self._locked() as got:
+        with locks.exclusive(self.engine, locks.SENDER_LOCKS, int(self.address[2:10], 16)) as got:
             if not got:
                 report.skipped_locked = True
                 return report
@@ -94,23 +93,6 @@ class Sender:
             self._broadcast_pending(report)
             self._settle_and_bump(report)
         return report
-
-    @contextmanager
-    def _locked(self) -> Iterator[bool]:
-        key = int(self.address[2:10], 16) % 2**31
-        with self.engine.connect() as conn:
-            got = bool(
-                conn.execute(
-                    sa.text("SELECT pg_try_advisory_lock(:c, :k)"), {"c": _LOCK_CLASS, "k": key}
-                ).scalar()
-            )
-            conn.commit()
-            try:
-                yield got
-            finally:
-                if got:
-                    conn.execute(sa.text("SELECT pg_advisory_unlock(:c, :k)"), {"c": _LOCK_CLASS, "k": key})
-                    conn.commit()
 
     # -- 1. sign -----------------------------------------------------------------------------
 

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import click
 from web3 import Web3
 
 from admin_api.cli.runtime import BadUsage, Failed, app_engine, emit
-from contracts.client import ChainClient, ProviderError
+from contracts.client import ProviderError
 from contracts.deployment import Deployment, DeploymentError
-from contracts.events import LogDecoder
 from ledger.settings import Settings
 from workers.app import QUEUE_CHAIN, QUEUE_CHAIN_SEND, QUEUE_LEDGER
-from workers.indexer import Indexer
 from workers.indexer import run_forever as index_forever
 from workers.keys import SigningKeyError, load_signer
-from workers.sender import Sender
+from workers.runtime import build_indexer, build_sender
 from workers.sender import run_forever as send_forever
 
 
@@ -34,6 +34,24 @@ def _w3(settings: Settings) -> Web3:
     if not settings.rpc_url:
         raise BadUsage("TRACE_RPC_URL is not set (the chain's JSON-RPC URL)")
     return Web3(Web3.HTTPProvider(settings.rpc_url, request_kwargs={"timeout": 30}))
+
+
+def _once_or_forever(
+    run_once: Callable[[], Any],
+    forever: Callable[[Any, float, Callable[[], bool]], None],
+    job: Any,
+    interval_s: float,
+    once: bool,
+) -> None:
+    """One pass printed as JSON, or the loop until SIGINT/SIGTERM."""
+    if once:
+        try:
+            emit(run_once().as_dict())
+        except ProviderError as exc:
+            raise Failed(f"the chain node failed: {exc}") from exc
+        return
+    stop = _stop_flag()
+    forever(job, interval_s, stop.is_set)
 
 
 def _stop_flag() -> threading.Event:
@@ -55,22 +73,8 @@ def index(settings: Settings, once: bool) -> None:
     deployment = _deployment(settings)
     w3 = _w3(settings)
     with app_engine(settings, pool_size=3) as engine:
-        indexer = Indexer(
-            engine,
-            ChainClient(w3),
-            deployment,
-            LogDecoder(),
-            confirmations=settings.confirmations,
-            window_max=settings.indexer_window_blocks,
-        )
-        if once:
-            try:
-                emit(indexer.run_once().as_dict())
-            except ProviderError as exc:
-                raise Failed(f"the chain node failed: {exc}") from exc
-            return
-        stop = _stop_flag()
-        index_forever(indexer, settings.indexer_interval_s, stop.is_set)
+        indexer = build_indexer(settings, engine, w3, deployment)
+        _once_or_forever(indexer.run_once, index_forever, indexer, settings.indexer_interval_s, once)
 
 
 @click.command("send")
@@ -85,23 +89,8 @@ def send(settings: Settings, once: bool) -> None:
     except SigningKeyError as exc:
         raise BadUsage(str(exc)) from exc
     with app_engine(settings, pool_size=3) as engine:
-        sender = Sender(
-            engine,
-            w3,
-            account,
-            deployment.chain_id,
-            confirmations=settings.confirmations,
-            bump_after_s=settings.sender_bump_after_s,
-            max_in_flight=settings.sender_max_in_flight,
-        )
-        if once:
-            try:
-                emit(sender.run_once().as_dict())
-            except ProviderError as exc:
-                raise Failed(f"the chain node failed: {exc}") from exc
-            return
-        stop = _stop_flag()
-        send_forever(sender, settings.sender_interval_s, stop.is_set)
+        sender = build_sender(settings, engine, w3, deployment, account)
+        _once_or_forever(sender.run_once, send_forever, sender, settings.sender_interval_s, once)
 
 
 def _celery_main(argv: list[str]) -> None:

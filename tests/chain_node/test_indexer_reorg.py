@@ -12,13 +12,13 @@ from eth_account import Account
 from web3 import Web3
 
 from contracts.anvil import AnvilNode
-from contracts.bindings import MINTER_ROLE, deploy, transact
+from contracts.bindings import transact
 from contracts.client import ChainClient
-from contracts.deployment import Deployment
 from contracts.events import LogDecoder
 from ledger import custody, db
 from ledger.accounts import get_account
 from tests.books import assert_books_balance
+from tests.chainkit import token_deployment
 from tests.conftest import APP_ROLE
 from workers.indexer import Indexer
 
@@ -30,19 +30,9 @@ TRACE = 10**18
 def world(anvil: AnvilNode, fresh_db_url: str) -> Iterator[dict[str, Any]]:
     snapshot = anvil.snapshot()
     w3 = Web3(Web3.HTTPProvider(anvil.url))
-    admin, user, escrow, vault, treasury, fees = (Account.from_key(k) for k in anvil.private_keys[:6])
-    token = deploy(w3, "TraceToken", "Trace", "TRACE", admin.address, sender=admin)
-    transact(w3, token.functions.grantRole(MINTER_ROLE, admin.address), admin)
-    transact(w3, token.functions.mint(user.address, 100 * TRACE), admin)
-    deployment = Deployment(
-        chain_id=anvil.chain_id,
-        start_block=int(w3.eth.block_number) - 2,
-        token=token.address,
-        escrow=escrow.address,
-        vault=vault.address,
-        treasury=treasury.address,
-        fee_wallet=fees.address,
-    )
+    accounts = [Account.from_key(k) for k in anvil.private_keys[:6]]
+    token, deployment = token_deployment(w3, accounts, 100 * TRACE)
+    user, escrow = accounts[1], accounts[2]
     engine = db.make_engine(fresh_db_url, role=APP_ROLE, pool_size=2)
     indexer = Indexer(
         engine, ChainClient(w3), deployment, LogDecoder(), confirmations=CONFIRMATIONS, window_max=100

@@ -19,6 +19,7 @@ from ledger import custody, db
 from ledger.accounts import get_account
 from tests.books import assert_books_balance
 from tests.conftest import APP_ROLE
+from workers import locks
 from workers.indexer import Indexer
 
 CONFIRMATIONS = 3
@@ -176,7 +177,8 @@ def test_one_indexer_per_chain(setup: Setup) -> None:
     holder = s.indexer()
     with s.engine.connect() as conn:
         assert conn.execute(
-            sa.text("SELECT pg_try_advisory_lock(7310001, :k)"), {"k": s.deployment.chain_id % 2**31}
+            sa.text("SELECT pg_try_advisory_lock(:n, :k)"),
+            {"n": locks.INDEXER_LOCKS, "k": s.deployment.chain_id % 2**31},
         ).scalar_one()
         report = holder.run_once()
         assert report.skipped_locked

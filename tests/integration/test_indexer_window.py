@@ -10,13 +10,13 @@ import sqlalchemy as sa
 from eth_account import Account
 from web3 import Web3
 
-from contracts.bindings import MINTER_ROLE, deploy, transact
+from contracts.bindings import transact
 from contracts.client import ChainClient
-from contracts.deployment import Deployment
 from contracts.devchain import DevChain, DevChainServer
 from contracts.events import LogDecoder
 from ledger import custody, db
 from ledger.accounts import get_account
+from tests.chainkit import token_deployment
 from tests.conftest import APP_ROLE
 from workers.indexer import Indexer
 
@@ -33,30 +33,18 @@ def test_window_shrinks_on_a_refused_request_and_reads_everything(
     chain: DevChainServer, fresh_db_url: str
 ) -> None:
     w3 = Web3(Web3.HTTPProvider(chain.url))
-    admin, user, escrow, vault, treasury, fees = (
-        Account.from_key(a.private_key) for a in chain.chain.accounts[:6]
-    )
-    token = deploy(w3, "TraceToken", "Trace", "TRACE", admin.address, sender=admin)
-    transact(w3, token.functions.grantRole(MINTER_ROLE, admin.address), admin)
-    start = w3.eth.block_number
-    transact(w3, token.functions.mint(user.address, 100), admin)
+    accounts = [Account.from_key(a.private_key) for a in chain.chain.accounts[:6]]
+    token, deployment = token_deployment(w3, accounts, 100)
+    user, escrow = accounts[1], accounts[2]
     for amount in range(1, 13):  # twelve transfers into custody, one block each
         transact(w3, token.functions.transfer(escrow.address, amount), user)
-    deployment = Deployment(
-        chain_id=int(w3.eth.chain_id),
-        start_block=start,
-        token=token.address,
-        escrow=escrow.address,
-        vault=vault.address,
-        treasury=treasury.address,
-        fee_wallet=fees.address,
-    )
     engine = db.make_engine(fresh_db_url, role=APP_ROLE, pool_size=2)
     try:
         indexer = Indexer(engine, ChainClient(w3), deployment, LogDecoder(), confirmations=0, window_max=1000)
         report = indexer.run_once()
         assert report.shrinks > 0
-        assert report.events_stored == 1 + 12 + 1  # the mint, the transfers, the role grant
+        # Two role grants (deployment, minter), the mint, the twelve transfers.
+        assert report.events_stored == 2 + 1 + 12
         with engine.connect() as conn:
             mirror = get_account(conn, custody.mirror_code(deployment.chain_id, deployment.escrow))
             window = conn.execute(sa.text("SELECT window_blocks FROM chain_cursors")).scalar_one()
