@@ -1,0 +1,1 @@
+"""Escrow settlement tied to delivery confirmation (DESIGN §9)."""
