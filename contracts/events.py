@@ -6,7 +6,8 @@ addresses and bytes as lower-case 0x hex.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -16,12 +17,81 @@ from eth_utils.abi import event_abi_to_log_topic
 from contracts.artifacts import PRODUCTION_CONTRACTS, load_artifact
 from contracts.client import RawLog
 
+# Decodes one 32-byte ABI word of a static elementary type into its JSON value, or returns
+# _REFUSED where eth_abi would refuse the word (bad padding, out of range): the general path
+# then decodes the log and raises eth_abi's own error.
+WordDecoder = Callable[[bytes], Any]
+_REFUSED = object()
+_SIZED = re.compile(r"(uint|int|bytes)([0-9]+)")
+
+
+def _address(word: bytes) -> Any:
+    return _REFUSED if any(word[:12]) else "0x" + word[12:].hex()
+
+
+def _boolean(word: bytes) -> Any:
+    value = int.from_bytes(word)
+    return _REFUSED if value > 1 else value == 1
+
+
+def _word_decoder(type_: str) -> WordDecoder | None:
+    """A fast decoder for ``type_`` if it is a static elementary type, else None (eth_abi decodes it)."""
+    if type_ == "address":
+        return _address
+    if type_ == "bool":
+        return _boolean
+    sized = _SIZED.fullmatch(type_)
+    if sized is None:
+        return None
+    kind, size = sized.group(1), int(sized.group(2))
+    if kind == "uint" and size % 8 == 0 and 8 <= size <= 256:
+        limit = 2**size
+
+        def unsigned(word: bytes) -> Any:
+            value = int.from_bytes(word)
+            return str(value) if value < limit else _REFUSED
+
+        return unsigned
+    if kind == "int" and size % 8 == 0 and 8 <= size <= 256:
+        low, high = -(2 ** (size - 1)), 2 ** (size - 1)
+
+        def signed(word: bytes) -> Any:
+            value = int.from_bytes(word, signed=True)
+            return str(value) if low <= value < high else _REFUSED
+
+        return signed
+    if kind == "bytes" and 1 <= size <= 32:
+
+        def fixed(word: bytes) -> Any:
+            return _REFUSED if any(word[size:]) else "0x" + word[:size].hex()
+
+        return fixed
+    return None
+
 
 @dataclass(frozen=True, slots=True)
 class _EventSpec:
     name: str
     indexed: tuple[tuple[str, str], ...]  # (name, type)
     data: tuple[tuple[str, str], ...]
+    # One word decoder per indexed field, then per data field; None when a field is not a static
+    # elementary type (strings, arrays, tuples): then every log of the event goes through eth_abi.
+    fast: tuple[tuple[str, WordDecoder], ...] | None = None
+
+    def decode_fast(self, log: RawLog) -> dict[str, Any] | None:
+        """The arguments of ``log`` decoded word by word; None when eth_abi must decide."""
+        if self.fast is None or len(log.data) < 32 * len(self.data):
+            return None
+        words = [*log.topics[1:], *(log.data[i : i + 32] for i in range(0, 32 * len(self.data), 32))]
+        args: dict[str, Any] = {}
+        for (name, decode), word in zip(self.fast, words, strict=True):
+            if len(word) != 32:
+                return None
+            value = decode(word)
+            if value is _REFUSED:
+                return None
+            args[name] = value
+        return args
 
 
 class LogDecoder:
@@ -35,11 +105,15 @@ class LogDecoder:
                 if item.get("type") != "event" or item.get("anonymous"):
                     continue
                 inputs: list[dict[str, Any]] = item.get("inputs", [])
-                spec = _EventSpec(
-                    str(item["name"]),
-                    tuple((i["name"], i["type"]) for i in inputs if i.get("indexed")),
-                    tuple((i["name"], i["type"]) for i in inputs if not i.get("indexed")),
+                indexed = tuple((i["name"], i["type"]) for i in inputs if i.get("indexed"))
+                data = tuple((i["name"], i["type"]) for i in inputs if not i.get("indexed"))
+                decoders = [(name, _word_decoder(type_)) for name, type_ in (*indexed, *data)]
+                fast = (
+                    tuple((name, decoder) for name, decoder in decoders if decoder is not None)
+                    if all(decoder is not None for _, decoder in decoders)
+                    else None
                 )
+                spec = _EventSpec(str(item["name"]), indexed, data, fast)
                 self._specs[bytes(event_abi_to_log_topic(item))] = spec  # type: ignore[arg-type]
 
     def __call__(self, log: RawLog) -> tuple[str, dict[str, Any]] | None:
@@ -49,6 +123,9 @@ class LogDecoder:
         spec = self._specs.get(log.topics[0])
         if spec is None or len(log.topics) != len(spec.indexed) + 1:
             return None
+        fast = spec.decode_fast(log)
+        if fast is not None:
+            return spec.name, fast
         args: dict[str, Any] = {}
         for (name, type_), topic in zip(spec.indexed, log.topics[1:], strict=True):
             (value,) = abi_decode([type_], topic)

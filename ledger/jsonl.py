@@ -36,6 +36,7 @@ from typing import Any, BinaryIO, Literal
 
 import sqlalchemy as sa
 
+from ledger import jsonsafe
 from ledger.accounts import LIMIT_FLAGS, create_account, create_asset, get_account, set_closed
 from ledger.audit import Actor
 from ledger.commands import (
@@ -127,7 +128,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _decode(text: str) -> dict[str, Any]:
     try:
-        value = json.loads(
+        value = jsonsafe.loads(
             text,
             parse_float=_refuse_float,
             parse_constant=_refuse_constant,
@@ -135,7 +136,7 @@ def _decode(text: str) -> dict[str, Any]:
         )
     except InvalidInput:
         raise
-    except RecursionError as exc:
+    except (RecursionError, jsonsafe.JsonTooDeep) as exc:
         raise InvalidInput("JSON nested too deeply") from exc
     except ValueError as exc:
         raise InvalidInput(f"malformed JSON: {exc}") from exc
@@ -333,7 +334,7 @@ def _identity_of_text(text: str | None) -> dict[str, Any]:
     if text is None:
         return {}
     try:
-        obj = json.loads(text)
+        obj = jsonsafe.loads(text)
     except (ValueError, RecursionError):
         return {}
     if not isinstance(obj, dict):

@@ -154,6 +154,19 @@ def _same(conn: sa.Connection, outbox_id: int, action: ChainAction, hold_keys: l
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """A confirmed receipt of an outbox row's transaction."""
+
+    outbox_id: int
+    succeeded: bool
+    tx_hash: str
+    block_number: int
+    block_hash: str
+    error: str | None = None
+    chain_refs: Mapping[str, ChainRef] = field(default_factory=dict)
+
+
 def settle(
     conn: sa.Connection,
     outbox_id: int,
@@ -165,46 +178,94 @@ def settle(
     error: str | None = None,
     chain_refs: Mapping[str, ChainRef] | None = None,
 ) -> str:
-    """Settle a row on its confirmed receipt: success posts its holds, failure voids them and
-    raises an exception for finance. Returns the row's final status; settling twice is a no-op."""
-    row = conn.execute(
-        sa.text("SELECT key, status, hold_keys, chain_id FROM chain_outbox WHERE id = :id FOR UPDATE"),
-        {"id": outbox_id},
-    ).one()
-    if row.status in ("confirmed", "failed"):
-        return str(row.status)
-    if row.status not in ("signed", "sent"):
-        raise InvalidInput(f"outbox row {row.key!r} is {row.status}; only a sent action settles")
-    refs = chain_refs or {}
-    action: Literal["post", "void"] = "post" if succeeded else "void"
-    commands = [
-        Resolve(
-            key=f"settle:{hold_key}",
-            pending_key=hold_key,
-            action=action,
-            metadata={"outbox": row.key, "tx_hash": tx_hash, "block_number": block_number},
-            chain=refs.get(hold_key),
+    """Settle one row on its confirmed receipt (see :func:`settle_many`)."""
+    settlement = Settlement(outbox_id, succeeded, tx_hash, block_number, block_hash, error, chain_refs or {})
+    return settle_many(conn, [settlement])[0]
+
+
+def settle_many(conn: sa.Connection, settlements: Sequence[Settlement]) -> list[str]:
+    """Settle rows on their confirmed receipts in the caller's transaction: success posts a row's
+    holds, failure voids them and raises an exception for finance. Returns each row's final
+    status, in order; settling a row twice is a no-op. One lock, one booking batch and one update
+    for all of them."""
+    if not settlements:
+        return []
+    ids = [s.outbox_id for s in settlements]
+    if len(set(ids)) != len(ids):
+        raise InvalidInput("each outbox row settles once per call")
+    rows = {
+        r.id: r
+        for r in conn.execute(
+            sa.text(
+                "SELECT id, key, status, hold_keys FROM chain_outbox WHERE id = ANY(:ids)"
+                " ORDER BY id FOR UPDATE"
+            ),
+            {"ids": ids},
         )
-        for hold_key in row.hold_keys
-    ]
-    results = post_batch(conn, commands)
-    for command, result in zip(commands, results, strict=True):
+    }
+    missing = sorted(set(ids) - set(rows))
+    if missing:
+        raise InvalidInput(f"no outbox rows {missing[:5]}")
+    commands: list[Resolve] = []
+    settling: list[Settlement] = []
+    for settlement in settlements:
+        row = rows[settlement.outbox_id]
+        if row.status in ("confirmed", "failed"):
+            continue
+        if row.status not in ("signed", "sent"):
+            raise InvalidInput(f"outbox row {row.key!r} is {row.status}; only a sent action settles")
+        action: Literal["post", "void"] = "post" if settlement.succeeded else "void"
+        settling.append(settlement)
+        commands.extend(
+            Resolve(
+                key=f"settle:{hold_key}",
+                pending_key=hold_key,
+                action=action,
+                metadata={
+                    "outbox": row.key,
+                    "tx_hash": settlement.tx_hash,
+                    "block_number": settlement.block_number,
+                },
+                chain=settlement.chain_refs.get(hold_key),
+            )
+            for hold_key in row.hold_keys
+        )
+    for command, result in zip(commands, post_batch(conn, commands), strict=True):
         if result.status == "rejected":
             raise LedgerError(result.code or "rejected", f"settling {command.key!r}: {result.reason}")
-    status = "confirmed" if succeeded else "failed"
-    conn.execute(
-        sa.text(
-            "UPDATE chain_outbox SET status = :s, tx_hash = :tx, block_number = :bn, block_hash = :bh,"
-            " error = :err, updated_at = now() WHERE id = :id"
-        ),
-        {"s": status, "tx": tx_hash, "bn": block_number, "bh": block_hash, "err": error, "id": outbox_id},
-    )
-    if not succeeded:
+    if settling:
+        conn.execute(
+            sa.text(
+                "UPDATE chain_outbox o SET status = u.status, tx_hash = u.tx, block_number = u.bn,"
+                " block_hash = u.bh, error = u.err, updated_at = now()"
+                " FROM unnest(CAST(:ids AS bigint[]), CAST(:st AS text[]), CAST(:tx AS text[]),"
+                " CAST(:bn AS bigint[]), CAST(:bh AS text[]), CAST(:err AS text[]))"
+                " AS u(id, status, tx, bn, bh, err)"
+                " WHERE o.id = u.id"
+            ),
+            {
+                "ids": [s.outbox_id for s in settling],
+                "st": ["confirmed" if s.succeeded else "failed" for s in settling],
+                "tx": [s.tx_hash for s in settling],
+                "bn": [s.block_number for s in settling],
+                "bh": [s.block_hash for s in settling],
+                "err": [None if s.succeeded else (s.error or "reverted") for s in settling],
+            },
+        )
+    for settlement in settling:
+        if settlement.succeeded:
+            continue
+        row = rows[settlement.outbox_id]
         open_exception(
             conn,
             f"outbox_failed:{row.key}",
             "chain_action_failed",
-            {"outbox": row.key, "error": error or "reverted", "holds_voided": list(row.hold_keys)},
-            entry_key=None,
+            {
+                "outbox": row.key,
+                "tx_hash": settlement.tx_hash,
+                "error": settlement.error or "reverted",
+                "holds_voided": list(row.hold_keys),
+            },
         )
-    return status
+    final = {s.outbox_id: ("confirmed" if s.succeeded else "failed") for s in settling}
+    return [final.get(i, str(rows[i].status)) for i in ids]

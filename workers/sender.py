@@ -11,6 +11,12 @@ Each pass (``Sender.run_once``, under an advisory lock per key):
    fees (a fee bump): whichever version lands, the nonce makes it land once.
 A transaction is therefore sent at most once per outbox row, whatever crashes, and a nonce is
 never skipped: rows get consecutive nonces in the commit that signs them.
+
+For throughput, a pass writes its signatures in one commit and its broadcasts in another,
+settles rows in batches of ``SETTLE_BATCH`` per commit, and sends its broadcasts, receipt
+look-ups and block checks as JSON-RPC batches where the provider takes them (one block check
+per block, not per row). A crash between a batch and its commit only repeats work that is
+idempotent: a rebroadcast the node answers "already known", a settlement done again.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.exceptions import TransactionNotFound, Web3Exception, Web3RPCError
 
-from contracts.client import ProviderError, hex32
+from contracts.client import ProviderError, hex32, json_rpc_batch, rpc_error_text
 from ledger import outbox
 from workers import locks
 
@@ -35,6 +41,10 @@ log = structlog.get_logger(__name__)
 
 BUMP_PERCENT = 125  # geth needs >= 110% of both fees to replace a pending transaction
 PRIORITY_FEE_DEFAULT = 1_000_000_000
+SETTLE_BATCH = 200  # rows settled per database transaction
+# Requests of one kind in a pass from which they go to the node as JSON-RPC batches; fewer go
+# one at a time, where a batch would save a round trip or two.
+RPC_BATCH_MIN = 8
 
 
 @dataclass
@@ -73,6 +83,7 @@ class Sender:
         self.confirmations = confirmations
         self.bump_after = timedelta(seconds=bump_after_s)
         self.max_in_flight = max_in_flight
+        self._can_batch = True
 
     def __repr__(self) -> str:  # never show the key
         return f"Sender({self.address} on chain {self.chain_id})"
@@ -129,23 +140,36 @@ class Sender:
                 return
             next_nonce = self._next_nonce(conn)
             max_fee, priority = self._fees()
+            attempts = []
             for offset, row in enumerate(rows):
                 nonce = next_nonce + offset
                 raw, tx_hash = self._sign(row, nonce, max_fee, priority)
-                conn.execute(
-                    sa.text(
-                        "INSERT INTO chain_tx_attempts (outbox_id, nonce, tx_hash, raw_tx, max_fee_per_gas,"
-                        " max_priority_fee_per_gas) VALUES (:o, :n, :h, :raw, :mf, :pf)"
-                    ),
-                    {"o": row.id, "n": nonce, "h": tx_hash, "raw": raw, "mf": max_fee, "pf": priority},
+                attempts.append(
+                    {
+                        "o": row.id,
+                        "id": row.id,
+                        "n": nonce,
+                        "h": tx_hash,
+                        "raw": raw,
+                        "mf": max_fee,
+                        "pf": priority,
+                    }
                 )
-                conn.execute(
-                    sa.text(
-                        "UPDATE chain_outbox SET status = 'signed', nonce = :n, tx_hash = :h,"
-                        " updated_at = now() WHERE id = :id"
-                    ),
-                    {"n": nonce, "h": tx_hash, "id": row.id},
-                )
+            # One statement each for the whole pass (executemany pipelines them), in this commit.
+            conn.execute(
+                sa.text(
+                    "INSERT INTO chain_tx_attempts (outbox_id, nonce, tx_hash, raw_tx, max_fee_per_gas,"
+                    " max_priority_fee_per_gas) VALUES (:o, :n, :h, :raw, :mf, :pf)"
+                ),
+                attempts,
+            )
+            conn.execute(
+                sa.text(
+                    "UPDATE chain_outbox SET status = 'signed', nonce = :n, tx_hash = :h,"
+                    " updated_at = now() WHERE id = :id"
+                ),
+                attempts,
+            )
             conn.execute(
                 sa.text("UPDATE chain_signers SET next_nonce = :n WHERE chain_id = :c AND address = :a"),
                 {"n": next_nonce + len(rows), "c": self.chain_id, "a": self.address},
@@ -202,38 +226,60 @@ class Sender:
                 ),
                 {"c": self.chain_id, "s": self.address},
             ).all()
-        for attempt in attempts:
-            self._broadcast(bytes(attempt.raw_tx))
+        if not attempts:
+            return
+        # Broadcast in nonce order; the attempts before the first failure are known to the node.
+        failure: ProviderError | None = None
+        answers = self._rpc_batch(
+            [("eth_sendRawTransaction", ["0x" + bytes(a.raw_tx).hex()]) for a in attempts]
+        )
+        if answers is None:
+            done = len(attempts)
+            for index, attempt in enumerate(attempts):
+                try:
+                    self._broadcast(bytes(attempt.raw_tx))
+                except ProviderError as exc:
+                    failure, done = exc, index
+                    break
+        else:
+            done = len(attempts)
+            for index, answer in enumerate(answers):
+                error = rpc_error_text(answer)
+                if error is not None and not _broadcast_error_is_benign(error):
+                    failure, done = ProviderError(error), index
+                    break
+        if done:
+            sent = attempts[:done]
             with self.engine.begin() as conn:
                 conn.execute(
-                    sa.text("UPDATE chain_tx_attempts SET broadcast_at = now() WHERE id = :id"),
-                    {"id": attempt.id},
+                    sa.text("UPDATE chain_tx_attempts SET broadcast_at = now() WHERE id = ANY(:ids)"),
+                    {"ids": [a.id for a in sent]},
                 )
                 conn.execute(
                     sa.text(
                         "UPDATE chain_outbox SET status = 'sent', updated_at = now()"
-                        " WHERE id = :id AND status = 'signed'"
+                        " WHERE id = ANY(:ids) AND status = 'signed'"
                     ),
-                    {"id": attempt.outbox_id},
+                    {"ids": [a.outbox_id for a in sent]},
                 )
-            report.broadcast += 1
+            report.broadcast += done
+        if failure is not None:
+            raise failure
+
+    def _rpc_batch(self, calls: list[tuple[str, list[Any]]]) -> list[dict[str, Any]] | None:
+        """Raw answers to ``calls`` sent as batches; None when they go one at a time instead."""
+        if not self._can_batch or len(calls) < RPC_BATCH_MIN:
+            return None
+        answers = json_rpc_batch(self.w3, calls)
+        if answers is None:
+            self._can_batch = False  # an in-process provider, or a node that refuses batches
+        return answers
 
     def _broadcast(self, raw: bytes) -> None:
         try:
             self.w3.eth.send_raw_transaction(raw)
         except Web3RPCError as exc:
-            text = str(exc).lower()
-            # Sent before a crash, or already mined: the receipt check settles it.
-            if any(
-                s in text for s in ("already known", "known transaction", "nonce too low", "already imported")
-            ):
-                return
-            if "underpriced" in text:
-                return  # a bumped version of the same nonce is already in the pool
-            if "less than block base fee" in text:
-                # The base fee rose past this version's max fee (anvil refuses it outright). Retrying
-                # it would fail every pass and hold back every later nonce; the fee bump replaces it.
-                log.warning("sender.fee_below_base_fee", error=text[:200])
+            if _broadcast_error_is_benign(str(exc)):
                 return
             raise ProviderError(str(exc)) from exc
         except (Web3Exception, OSError) as exc:
@@ -265,49 +311,86 @@ class Sender:
             raise ProviderError(str(exc)) from exc
         report.in_flight = len(rows)
         now = datetime.now(UTC)
-        for row in rows:
-            receipt = self._receipt(row.hashes)
+        receipts = self._receipts([list(row.hashes) for row in rows])
+        deep = {
+            r.block_number for r in receipts if r is not None and head - r.block_number >= self.confirmations
+        }
+        canonical = self._canonical_hashes(sorted(deep))
+        ready: list[tuple[Any, _Receipt]] = []
+        for row, receipt in zip(rows, receipts, strict=True):
             if receipt is None:
                 if now - row.last_signed >= self.bump_after:
                     self._bump(row, report)
                 continue
-            block_number = int(receipt["blockNumber"])
-            if head - block_number < self.confirmations:
+            if receipt.block_number not in deep or canonical.get(receipt.block_number) != receipt.block_hash:
                 continue
-            if not self._canonical(block_number, hex32(receipt["blockHash"])):
-                continue
-            succeeded = int(receipt["status"]) == 1
-            with self.engine.begin() as conn:
-                status = outbox.settle(
-                    conn,
+            ready.append((row, receipt))
+        # Rows settle in batches, one commit each: a crash loses at most a batch, settled again next pass.
+        for start in range(0, len(ready), SETTLE_BATCH):
+            batch = [
+                outbox.Settlement(
                     row.id,
-                    succeeded=succeeded,
-                    tx_hash=hex32(receipt["transactionHash"]),
-                    block_number=block_number,
-                    block_hash=hex32(receipt["blockHash"]),
-                    error=None if succeeded else "the transaction reverted (receipt status 0)",
+                    receipt.succeeded,
+                    receipt.tx_hash,
+                    receipt.block_number,
+                    receipt.block_hash,
+                    None if receipt.succeeded else "the transaction reverted (receipt status 0)",
                 )
-            if status == "confirmed":
-                report.confirmed += 1
-            else:
-                report.failed += 1
+                for row, receipt in ready[start : start + SETTLE_BATCH]
+            ]
+            with self.engine.begin() as conn:
+                statuses = outbox.settle_many(conn, batch)
+            report.confirmed += statuses.count("confirmed")
+            report.failed += len(statuses) - statuses.count("confirmed")
 
-    def _receipt(self, hashes: list[str]) -> Any:
+    def _receipts(self, hashes_by_row: list[list[str]]) -> list[_Receipt | None]:
+        """For each row, the receipt of the first of its attempts the chain holds (None: none yet)."""
+        flat = [tx_hash for hashes in hashes_by_row for tx_hash in hashes]
+        answers = self._rpc_batch([("eth_getTransactionReceipt", [tx_hash]) for tx_hash in flat])
+        if answers is None:
+            return [self._receipt(hashes) for hashes in hashes_by_row]
+        by_hash: dict[str, _Receipt | None] = {}
+        for tx_hash, answer in zip(flat, answers, strict=True):
+            error = rpc_error_text(answer)
+            if error is not None:
+                raise ProviderError(f"eth_getTransactionReceipt {tx_hash}: {error}")
+            by_hash[tx_hash] = _Receipt.from_json(answer["result"]) if answer.get("result") else None
+        return [next((r for h in hashes if (r := by_hash[h]) is not None), None) for hashes in hashes_by_row]
+
+    def _receipt(self, hashes: list[str]) -> _Receipt | None:
         for tx_hash in hashes:
             try:
-                return self.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+                receipt = self.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
             except TransactionNotFound:
                 continue
             except (Web3Exception, OSError) as exc:
                 raise ProviderError(str(exc)) from exc
+            return _Receipt(
+                tx_hash=hex32(receipt["transactionHash"]),
+                block_number=int(receipt["blockNumber"]),
+                block_hash=hex32(receipt["blockHash"]),
+                succeeded=int(receipt["status"]) == 1,
+            )
         return None
 
-    def _canonical(self, number: int, block_hash: str) -> bool:
-        try:
-            block = self.w3.eth.get_block(number)
-        except (Web3Exception, OSError):
-            return False
-        return hex32(block["hash"]) == block_hash
+    def _canonical_hashes(self, numbers: list[int]) -> dict[int, str]:
+        """The hash of each canonical block of ``numbers``; a block the node cannot give is left out."""
+        if not numbers:
+            return {}
+        answers = self._rpc_batch([("eth_getBlockByNumber", [hex(n), False]) for n in numbers])
+        if answers is None:
+            hashes: dict[int, str] = {}
+            for number in numbers:
+                try:
+                    hashes[number] = hex32(self.w3.eth.get_block(number)["hash"])
+                except (Web3Exception, OSError):
+                    continue
+            return hashes
+        return {
+            number: hex32(answer["result"]["hash"])
+            for number, answer in zip(numbers, answers, strict=True)
+            if isinstance(answer.get("result"), dict)
+        }
 
     def _bump(self, row: Any, report: SenderReport) -> None:
         max_fee, priority = self._fees()
@@ -332,6 +415,40 @@ class Sender:
             )
         report.bumped += 1
         log.info("sender.fee_bump", outbox_id=row.id, nonce=row.nonce, max_fee=max_fee)
+
+
+@dataclass(frozen=True, slots=True)
+class _Receipt:
+    tx_hash: str
+    block_number: int
+    block_hash: str
+    succeeded: bool
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> _Receipt:
+        """A receipt as JSON-RPC sends it (quantities as 0x hex)."""
+        return cls(
+            tx_hash=hex32(raw["transactionHash"]),
+            block_number=int(raw["blockNumber"], 16),
+            block_hash=hex32(raw["blockHash"]),
+            succeeded=int(raw["status"], 16) == 1,
+        )
+
+
+def _broadcast_error_is_benign(message: str) -> bool:
+    """Whether a node's refusal of a raw transaction still leaves it on its way (or superseded)."""
+    text = message.lower()
+    # Sent before a crash, or already mined: the receipt check settles it.
+    if any(s in text for s in ("already known", "known transaction", "nonce too low", "already imported")):
+        return True
+    if "underpriced" in text:
+        return True  # a bumped version of the same nonce is already in the pool
+    if "less than block base fee" in text:
+        # The base fee rose past this version's max fee (anvil refuses it outright). Retrying
+        # it would fail every pass and hold back every later nonce; the fee bump replaces it.
+        log.warning("sender.fee_below_base_fee", error=text[:200])
+        return True
+    return False
 
 
 def run_forever(sender: Sender, interval_s: float, stop: Callable[[], bool]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from admin_api.bench.chain import indexer_bench, sender_bench
 from admin_api.bench.ledger import ledger_bench
 
 
@@ -13,5 +14,7 @@ def bench() -> None:
 
 
 bench.add_command(ledger_bench)
+bench.add_command(indexer_bench)
+bench.add_command(sender_bench)
 
 __all__ = ["bench"]

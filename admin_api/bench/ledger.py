@@ -157,7 +157,7 @@ def _database_url(server_url: str, name: str) -> str:
 
 
 @contextlib.contextmanager
-def _shielded_from_interrupts() -> Iterator[None]:
+def shielded_from_interrupts() -> Iterator[None]:
     """Let clean-up finish even if Ctrl-C is pressed again."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -170,7 +170,7 @@ def _shielded_from_interrupts() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C, so the scratch database is still dropped."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -196,7 +196,7 @@ def scratch_database(server_url: str) -> Iterator[str]:
     try:
         yield _database_url(server_url, name)
     finally:
-        with _shielded_from_interrupts(), psycopg.connect(admin_url, autocommit=True) as conn:
+        with shielded_from_interrupts(), psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
@@ -564,7 +564,7 @@ def _child_main(
     results.put((spec.key_prefix, group.finish()))
 
 
-class _Progress:
+class BenchProgress:
     """Rich progress on stderr: one task per phase."""
 
     def __init__(self, console: Console) -> None:
@@ -576,7 +576,7 @@ class _Progress:
             console=console,
         )
 
-    def __enter__(self) -> _Progress:
+    def __enter__(self) -> BenchProgress:
         self.progress.start()
         return self
 
@@ -610,7 +610,7 @@ def vacuum_analyze(url: str) -> None:
 
 
 def measure_load(
-    base: LoadSpec, knobs: Knobs, duration_s: float, progress: _Progress, label: str
+    base: LoadSpec, knobs: Knobs, duration_s: float, progress: BenchProgress, label: str
 ) -> PhaseResult:
     """Run ``knobs.processes`` groups of producers for ``duration_s``; count what was created."""
     vacuum_analyze(base.url)
@@ -640,7 +640,7 @@ def measure_load(
 
 
 def _run_here(
-    spec: LoadSpec, duration_s: float, progress: _Progress, task: TaskID
+    spec: LoadSpec, duration_s: float, progress: BenchProgress, task: TaskID
 ) -> tuple[float, LoadResult]:
     group = LoadGroup(spec)
     try:
@@ -656,7 +656,7 @@ def _run_here(
 
 
 def _run_in_processes(
-    specs: list[LoadSpec], duration_s: float, progress: _Progress, task: TaskID
+    specs: list[LoadSpec], duration_s: float, progress: BenchProgress, task: TaskID
 ) -> list[tuple[float, LoadResult]]:
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Event()
@@ -745,7 +745,7 @@ def _time_requests(
     accounts: int,
     requests: int,
     warmup: int,
-    progress: _Progress,
+    progress: BenchProgress,
     label: str,
 ) -> list[float]:
     """POST ``warmup`` then ``requests`` entries one at a time; the latencies of the latter (ms)."""
@@ -798,7 +798,7 @@ def _create_staff_key(url: str, role: str) -> str:
 
 
 def measure_api(
-    url: str, settings: Settings, plan: Plan, progress: _Progress, *, allow_gunicorn: bool = True
+    url: str, settings: Settings, plan: Plan, progress: BenchProgress, *, allow_gunicorn: bool = True
 ) -> ApiResult:
     """p50/p99 of one entry POSTed at a time; gunicorn over HTTP, else the Flask test client."""
     api_key = _create_staff_key(url, settings.db_role)
@@ -818,7 +818,7 @@ class _GunicornUnavailable(Exception):
 
 
 def _measure_gunicorn(
-    url: str, settings: Settings, plan: Plan, api_key: str, progress: _Progress
+    url: str, settings: Settings, plan: Plan, api_key: str, progress: BenchProgress
 ) -> list[float]:
     port = _free_port()
     env = {**os.environ, "TRACE_DATABASE_URL": url, "TRACE_DB_ROLE": settings.db_role}
@@ -883,7 +883,7 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
 
 
 def _measure_test_client(
-    url: str, settings: Settings, plan: Plan, api_key: str, progress: _Progress
+    url: str, settings: Settings, plan: Plan, api_key: str, progress: BenchProgress
 ) -> list[float]:
     from admin_api.app import close_app, create_app
 
@@ -1046,16 +1046,20 @@ def run_ledger_bench(
         service = start_postgres(settings.data_dir)
         server_url = service.url
     try:
-        with _terminate_as_interrupt(), _Progress(console) as progress, scratch_database(server_url) as url:
+        with (
+            terminate_as_interrupt(),
+            BenchProgress(console) as progress,
+            scratch_database(server_url) as url,
+        ):
             return _run_in(url, settings, plan, progress, started, api=api)
     finally:
         if service is not None:
-            with _shielded_from_interrupts():
+            with shielded_from_interrupts():
                 service.stop()
 
 
 def _run_in(
-    url: str, settings: Settings, plan: Plan, progress: _Progress, started: float, *, api: bool
+    url: str, settings: Settings, plan: Plan, progress: BenchProgress, started: float, *, api: bool
 ) -> Report:
     role = settings.db_role
     setup_started = time.time()

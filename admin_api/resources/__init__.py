@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar, cast
@@ -15,6 +14,7 @@ from webargs import core
 from webargs.flaskparser import FlaskParser, abort, is_json_request
 
 from admin_api.metrics import ApiMetrics
+from ledger import jsonsafe
 from ledger.errors import InvalidInput
 from ledger.money import parse_amount
 from ledger.posting import Poster, PostingQueue
@@ -86,7 +86,7 @@ class StrictParser(FlaskParser):
         try:
             # NaN/Infinity are not JSON; over-long numbers and deep nesting raise ValueError
             # and RecursionError, which must be the client's 400, not our 500.
-            return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            return jsonsafe.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
             abort(400, exc=exc, messages={"json": ["Invalid JSON body."]})
 

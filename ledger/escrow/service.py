@@ -1,0 +1,556 @@
+"""Escrows: creation, funding from the chain, moves through the state machine, history.
+
+Every move goes through :func:`move`, which checks the state machine's table, locks the row and
+appends the history in the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from ledger import accounts, custody, exceptions_queue
+from ledger.commands import ChainRef, check_key
+from ledger.errors import Conflict, InvalidInput, NotFound
+from ledger.escrow import attestation
+from ledger.escrow.states import check_move
+from ledger.money import check_amount
+
+ESCROW_KINDS = "liability"
+MAX_ATTESTORS = 32
+
+
+def escrow_account(escrow_id: str) -> str:
+    """The liability account of what the escrow contract holds for escrow ``escrow_id``."""
+    return f"escrow:{escrow_id}"
+
+
+def escrow_id_for(key: str) -> str:
+    """The on-chain id (bytes32) of the escrow created under idempotency ``key``: a retry of the
+    same creation names the same escrow."""
+    check_key(key)
+    return "0x" + hashlib.sha256(f"tracechain-escrow:{key}".encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class NewEscrow:
+    """What the creator asks for; validated when built."""
+
+    key: str
+    chain_id: int
+    contract: str
+    buyer: str
+    seller: str
+    amount: int
+    fee_bps: int
+    deadline: datetime
+    delivery_ref: str
+    attestor_ids: tuple[int, ...]
+    threshold: int
+
+    def __post_init__(self) -> None:
+        check_key(self.key)
+        if isinstance(self.chain_id, bool) or not isinstance(self.chain_id, int) or self.chain_id <= 0:
+            raise InvalidInput("chain_id must be a positive integer")
+        for name in ("contract", "buyer", "seller"):
+            object.__setattr__(self, name, custody.check_address(getattr(self, name)))
+        if self.buyer == self.seller:
+            raise InvalidInput("the buyer and the seller must be different addresses")
+        if custody.ZERO_ADDRESS in (self.buyer, self.seller):
+            raise InvalidInput("the buyer and the seller must not be the zero address")
+        check_amount(self.amount)
+        if (
+            isinstance(self.fee_bps, bool)
+            or not isinstance(self.fee_bps, int)
+            or not 0 <= self.fee_bps <= 10_000
+        ):
+            raise InvalidInput("fee_bps must be an integer from 0 to 10000")
+        if not isinstance(self.deadline, datetime) or self.deadline.tzinfo is None:
+            raise InvalidInput("deadline must be a timestamp with a time zone")
+        if self.deadline.microsecond:
+            raise InvalidInput("deadline must be a whole second (the chain keeps seconds)")
+        if not isinstance(self.delivery_ref, str) or not 1 <= len(self.delivery_ref) <= 256:
+            raise InvalidInput("delivery_ref must be 1 to 256 characters")
+        if not self.delivery_ref.isprintable():
+            raise InvalidInput("delivery_ref must be printable text")
+        ids = self.attestor_ids
+        if not isinstance(ids, tuple) or not ids or len(ids) > MAX_ATTESTORS:
+            raise InvalidInput(f"an escrow needs 1 to {MAX_ATTESTORS} attestors")
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in ids) or len(set(ids)) != len(ids):
+            raise InvalidInput("attestor ids must be distinct integers")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int):
+            raise InvalidInput("threshold must be an integer")
+        if not 1 <= self.threshold <= len(ids):
+            raise InvalidInput(f"threshold must be between 1 and the number of attestors ({len(ids)})")
+
+    @property
+    def escrow_id(self) -> str:
+        return escrow_id_for(self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class Escrow:
+    id: str
+    chain_id: int
+    contract: str
+    buyer: str
+    seller: str
+    amount: int
+    fee_bps: int
+    deadline: datetime
+    delivery_ref: str
+    threshold: int
+    attestor_ids: tuple[int, ...]
+    status: str
+    funded_amount: int
+    released_amount: int
+    fee_amount: int
+    refunded_amount: int
+    has_release_proof: bool
+
+    @property
+    def remaining(self) -> int:
+        """What the contract still holds for this escrow."""
+        return self.funded_amount - self.released_amount - self.fee_amount - self.refunded_amount
+
+    def fee_for(self, amount: int) -> int:
+        """The platform's fee on a release of ``amount``: rounded up (charges favour solvency)."""
+        return -(-amount * self.fee_bps // 10_000)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "chain_id": self.chain_id,
+            "contract": self.contract,
+            "buyer": self.buyer,
+            "seller": self.seller,
+            "amount": str(self.amount),
+            "fee_bps": self.fee_bps,
+            "deadline": self.deadline.isoformat(),
+            "delivery_ref": self.delivery_ref,
+            "threshold": self.threshold,
+            "attestor_ids": list(self.attestor_ids),
+            "status": self.status,
+            "funded_amount": str(self.funded_amount),
+            "released_amount": str(self.released_amount),
+            "fee_amount": str(self.fee_amount),
+            "refunded_amount": str(self.refunded_amount),
+            "remaining": str(self.remaining),
+            "has_release_proof": self.has_release_proof,
+        }
+
+
+_SELECT = (
+    "SELECT e.id, e.chain_id, e.contract, e.buyer, e.seller, e.amount, e.fee_bps, e.deadline,"
+    " e.delivery_ref, e.threshold, e.status, e.funded_amount, e.released_amount, e.fee_amount,"
+    " e.refunded_amount, e.release_proof IS NOT NULL AS has_proof,"
+    " ARRAY(SELECT p.attestor_id FROM escrow_policy p WHERE p.escrow_id = e.id ORDER BY p.attestor_id)"
+    " AS attestor_ids FROM escrows e"
+)
+
+
+def _from_row(r: Any) -> Escrow:
+    return Escrow(
+        r.id,
+        r.chain_id,
+        r.contract,
+        r.buyer,
+        r.seller,
+        int(r.amount),
+        r.fee_bps,
+        r.deadline,
+        r.delivery_ref,
+        r.threshold,
+        tuple(r.attestor_ids),
+        r.status,
+        int(r.funded_amount),
+        int(r.released_amount),
+        int(r.fee_amount),
+        int(r.refunded_amount),
+        bool(r.has_proof),
+    )
+
+
+def get_escrow(conn: sa.Connection, escrow_id: str, *, for_update: bool = False) -> Escrow:
+    row = conn.execute(
+        sa.text(_SELECT + " WHERE e.id = :id" + (" FOR UPDATE OF e" if for_update else "")), {"id": escrow_id}
+    ).first()
+    if row is None:
+        raise NotFound("escrow_not_found", f"no escrow {escrow_id}")
+    return _from_row(row)
+
+
+def create_escrow(conn: sa.Connection, new: NewEscrow, actor: str) -> tuple[Escrow, accounts.Created]:
+    """Create the escrow and its ledger account; the same request again reports ``exists``,
+    another request under the same key is an idempotency conflict."""
+    escrow_id = new.escrow_id
+    known = conn.execute(sa.text("SELECT 1 FROM escrows WHERE id = :id"), {"id": escrow_id}).first()
+    if known is not None:
+        existing = get_escrow(conn, escrow_id)
+        if not _same(existing, new):
+            raise Conflict("idempotency_conflict", f"escrow key {new.key!r} was used for another escrow")
+        return existing, "exists"
+    usable = conn.execute(
+        sa.text("SELECT id FROM escrow_attestors WHERE id = ANY(:ids) AND revoked_at IS NULL"),
+        {"ids": list(new.attestor_ids)},
+    ).scalars()
+    missing = sorted(set(new.attestor_ids) - set(usable))
+    if missing:
+        raise InvalidInput(f"attestors {missing} are not registered or are revoked")
+    if new.deadline <= datetime.now(UTC):
+        raise InvalidInput("the deadline must be in the future")
+    custody.ensure_chart(conn, new.chain_id, ())
+    accounts.create_account(conn, escrow_account(escrow_id), custody.TOKEN_ASSET, "liability")
+    conn.execute(
+        sa.text(
+            "INSERT INTO escrows (id, chain_id, contract, buyer, seller, amount, fee_bps, deadline,"
+            " delivery_ref, threshold, created_by) VALUES (:id, :chain_id, :contract, :buyer, :seller,"
+            " :amount, :fee_bps, :deadline, :delivery_ref, :threshold, :actor)"
+        ),
+        {
+            "id": escrow_id,
+            "chain_id": new.chain_id,
+            "contract": new.contract,
+            "buyer": new.buyer,
+            "seller": new.seller,
+            "amount": new.amount,
+            "fee_bps": new.fee_bps,
+            "deadline": new.deadline,
+            "delivery_ref": new.delivery_ref,
+            "threshold": new.threshold,
+            "actor": actor,
+        },
+    )
+    conn.execute(
+        sa.text(
+            "INSERT INTO escrow_policy (escrow_id, attestor_id) SELECT :id, unnest(CAST(:ids AS bigint[]))"
+        ),
+        {"id": escrow_id, "ids": list(new.attestor_ids)},
+    )
+    _history(conn, escrow_id, None, "awaiting_funding", "created", actor, {"key": new.key})
+    return get_escrow(conn, escrow_id), "created"
+
+
+def _same(existing: Escrow, new: NewEscrow) -> bool:
+    return (
+        existing.chain_id == new.chain_id
+        and existing.contract == new.contract
+        and existing.buyer == new.buyer
+        and existing.seller == new.seller
+        and existing.amount == new.amount
+        and existing.fee_bps == new.fee_bps
+        and existing.deadline == new.deadline
+        and existing.delivery_ref == new.delivery_ref
+        and existing.threshold == new.threshold
+        and existing.attestor_ids == tuple(sorted(new.attestor_ids))
+    )
+
+
+def _history(
+    conn: sa.Connection,
+    escrow_id: str,
+    from_status: str | None,
+    to_status: str,
+    reason: str,
+    actor: str,
+    details: Mapping[str, Any],
+) -> None:
+    conn.execute(
+        sa.text(
+            "INSERT INTO escrow_history (escrow_id, from_status, to_status, reason, actor, details)"
+            " VALUES (:id, :f, :t, :r, :a, CAST(:d AS jsonb))"
+        ),
+        {
+            "id": escrow_id,
+            "f": from_status,
+            "t": to_status,
+            "r": reason,
+            "a": actor,
+            "d": json.dumps(dict(details), sort_keys=True, default=str),
+        },
+    )
+
+
+def move(
+    conn: sa.Connection,
+    escrow_id: str,
+    wanted: str,
+    actor: str,
+    details: Mapping[str, Any] | None = None,
+    **changes: Any,
+) -> Escrow:
+    """Move the escrow to ``wanted`` if the table allows it from its current status (row locked),
+    applying ``changes`` to its columns; the history records the move and why."""
+    current = get_escrow(conn, escrow_id, for_update=True)
+    reason = check_move(escrow_id, current.status, wanted)
+    allowed = {"funded_amount", "released_amount", "fee_amount", "refunded_amount", "deadline"}
+    if set(changes) - allowed:
+        raise ValueError(f"cannot change {sorted(set(changes) - allowed)} of an escrow")
+    assignments = "".join(f", {name} = :{name}" for name in sorted(changes))
+    conn.execute(
+        sa.text(f"UPDATE escrows SET status = :status, updated_at = now(){assignments} WHERE id = :id"),
+        {"status": wanted, "id": escrow_id, **changes},
+    )
+    _history(conn, escrow_id, current.status, wanted, reason, actor, details or {})
+    return get_escrow(conn, escrow_id)
+
+
+def history(conn: sa.Connection, escrow_id: str) -> list[dict[str, Any]]:
+    """Every move of the escrow, oldest first."""
+    get_escrow(conn, escrow_id)
+    rows = conn.execute(
+        sa.text(
+            "SELECT from_status, to_status, reason, actor, details, at FROM escrow_history"
+            " WHERE escrow_id = :id ORDER BY id"
+        ),
+        {"id": escrow_id},
+    ).mappings()
+    return [dict(r) for r in rows]
+
+
+# -- the chain's escrow events --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Funding:
+    """A confirmed ``Funded`` event of the escrow contract."""
+
+    chain: ChainRef
+    contract: str
+    escrow_id: str
+    buyer: str
+    seller: str
+    amount: int
+    deadline: datetime
+
+
+def funding_account(conn: sa.Connection, funding: Funding) -> str | None:
+    """The ledger account that owns tokens funded into ``funding.escrow_id``: the escrow's own
+    account when we know the escrow on that contract, else None (suspense)."""
+    row = conn.execute(
+        sa.text("SELECT 1 FROM escrows WHERE id = :id AND contract = :c AND chain_id = :chain"),
+        {"id": funding.escrow_id, "c": funding.contract, "chain": funding.chain.chain_id},
+    ).first()
+    return None if row is None else escrow_account(funding.escrow_id)
+
+
+def record_funding(conn: sa.Connection, funding: Funding) -> str:
+    """Apply a confirmed funding to its escrow: ``funded`` when it matches what was agreed, else
+    ``funding_exception`` with an exception for finance; an unknown escrow raises one too.
+    Returns the resulting status (or ``unknown``). Safe to run twice for the same event."""
+    key = f"escrow_funding:{funding.chain.chain_id}:{funding.chain.tx_hash}:{funding.chain.log_index}"
+    account = funding_account(conn, funding)
+    details = {
+        "escrow_id": funding.escrow_id,
+        "buyer": funding.buyer,
+        "seller": funding.seller,
+        "amount": str(funding.amount),
+        "deadline": funding.deadline.isoformat(),
+    }
+    if account is None:
+        exceptions_queue.open_exception(conn, key, "escrow_funding_unknown", details, chain=funding.chain)
+        return "unknown"
+    escrow = get_escrow(conn, funding.escrow_id, for_update=True)
+    seen = conn.execute(
+        sa.text("SELECT 1 FROM escrow_history WHERE escrow_id = :id AND details->>'event' = :key"),
+        {"id": escrow.id, "key": key},
+    ).first()
+    if seen is not None:
+        return escrow.status
+    problems = _funding_problems(escrow, funding)
+    actor = f"chain:{funding.chain.chain_id}"
+    event = {**details, "event": key}
+    if escrow.status != "awaiting_funding":
+        problems.append(f"the escrow is {escrow.status}, not awaiting funding")
+    if problems:
+        exceptions_queue.open_exception(
+            conn, key, "escrow_funding_mismatch", {**details, "problems": problems}, chain=funding.chain
+        )
+        conn.execute(
+            sa.text(
+                "UPDATE escrows SET funded_amount = funded_amount + :a, updated_at = now() WHERE id = :id"
+            ),
+            {"a": funding.amount, "id": escrow.id},
+        )
+        if escrow.status == "awaiting_funding":
+            return move(conn, escrow.id, "funding_exception", actor, {**event, "problems": problems}).status
+        _history(
+            conn, escrow.id, escrow.status, escrow.status, "funding after the escrow was funded", actor, event
+        )
+        return escrow.status
+    return move(
+        conn, escrow.id, "funded", actor, event, funded_amount=escrow.funded_amount + funding.amount
+    ).status
+
+
+def _funding_problems(escrow: Escrow, funding: Funding) -> list[str]:
+    problems = []
+    if funding.amount < escrow.amount:
+        problems.append(f"underfunded: {funding.amount} of {escrow.amount}")
+    if funding.amount > escrow.amount:
+        problems.append(f"overfunded: {funding.amount} for {escrow.amount}")
+    if funding.buyer != escrow.buyer:
+        problems.append(f"funded by {funding.buyer}, not the buyer {escrow.buyer}")
+    if funding.seller != escrow.seller:
+        problems.append(f"names seller {funding.seller}, not {escrow.seller}")
+    if funding.deadline != escrow.deadline:
+        problems.append("the on-chain deadline differs from the agreed one")
+    return problems
+
+
+def list_escrows(
+    conn: sa.Connection,
+    *,
+    status: str | None = None,
+    party: str | None = None,
+    deadline_before: datetime | None = None,
+    after_id: str | None = None,
+    limit: int = 100,
+) -> Sequence[Escrow]:
+    """Escrows filtered by status, party (buyer or seller) and deadline; keyset pages by id."""
+    party_address = None if party is None else custody.check_address(party)
+    rows = conn.execute(
+        sa.text(
+            _SELECT + " WHERE (CAST(:status AS text) IS NULL OR e.status = :status)"
+            " AND (CAST(:party AS text) IS NULL OR e.buyer = :party OR e.seller = :party)"
+            " AND (CAST(:before AS timestamptz) IS NULL OR e.deadline < :before)"
+            " AND (CAST(:after AS text) IS NULL OR e.id > :after)"
+            " ORDER BY e.id LIMIT :limit"
+        ),
+        {
+            "status": status,
+            "party": party_address,
+            "before": deadline_before,
+            "after": after_id,
+            "limit": limit,
+        },
+    ).all()
+    return [_from_row(r) for r in rows]
+
+
+# -- attestors and attestations -------------------------------------------------------------
+
+
+def register_attestor(
+    conn: sa.Connection, name: str, pubkey: bytes, proof_of_possession: bytes
+) -> tuple[int, accounts.Created]:
+    """Register an attestor's BLS key after checking its proof of possession (against rogue keys).
+    The same name and key again report ``exists``; a key or name already taken otherwise conflicts."""
+    if not isinstance(name, str) or not 1 <= len(name) <= 100 or not name.isprintable():
+        raise InvalidInput("an attestor name must be 1 to 100 printable characters")
+    attestation.check_public_key(pubkey, proof_of_possession)
+    row = conn.execute(
+        sa.text(
+            "INSERT INTO escrow_attestors (name, pubkey, proof_of_possession) VALUES (:n, :pk, :pop)"
+            " ON CONFLICT DO NOTHING RETURNING id"
+        ),
+        {"n": name, "pk": pubkey, "pop": proof_of_possession},
+    ).first()
+    if row is not None:
+        return int(row.id), "created"
+    existing = conn.execute(
+        sa.text("SELECT id, name, pubkey FROM escrow_attestors WHERE name = :n OR pubkey = :pk"),
+        {"n": name, "pk": pubkey},
+    ).all()
+    if len(existing) == 1 and existing[0].name == name and bytes(existing[0].pubkey) == pubkey:
+        return int(existing[0].id), "exists"
+    raise Conflict("attestor_conflict", "that attestor name or public key is registered already")
+
+
+def revoke_attestor(conn: sa.Connection, attestor_id: int) -> None:
+    """Revoke an attestor: its attestations no longer count towards a threshold not yet met."""
+    row = conn.execute(
+        sa.text(
+            "UPDATE escrow_attestors SET revoked_at = COALESCE(revoked_at, now()) WHERE id = :id RETURNING id"
+        ),
+        {"id": attestor_id},
+    ).first()
+    if row is None:
+        raise NotFound("attestor_not_found", f"no attestor {attestor_id}")
+
+
+def delivery_message_of(escrow: Escrow) -> bytes:
+    """What the escrow's attestors sign."""
+    return attestation.delivery_message(
+        escrow.chain_id, escrow.contract, escrow.id, escrow.delivery_ref, escrow.amount
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AttestOutcome:
+    status: accounts.Created
+    escrow_status: str
+    attestations: int
+    threshold: int
+
+
+def attest(
+    conn: sa.Connection,
+    escrow_id: str,
+    attestor_id: int,
+    signature: bytes,
+    verifier: attestation.Verifier,
+    actor: str,
+) -> AttestOutcome:
+    """Record one attestor's signature of the delivery; when the policy's threshold of valid,
+    unrevoked attestations is met, verify the aggregate and store it as the release proof, moving
+    the escrow to ``delivery_confirmed``. The same attestation again reports ``exists``."""
+    escrow = get_escrow(conn, escrow_id, for_update=True)
+    if attestor_id not in escrow.attestor_ids:
+        raise InvalidInput(f"attestor {attestor_id} is not in the policy of escrow {escrow_id}")
+    key = conn.execute(
+        sa.text("SELECT pubkey, revoked_at IS NOT NULL AS revoked FROM escrow_attestors WHERE id = :id"),
+        {"id": attestor_id},
+    ).one()
+    if key.revoked:
+        raise InvalidInput(f"attestor {attestor_id} is revoked")
+    message = delivery_message_of(escrow)
+    if not verifier.verify(bytes(key.pubkey), message, signature):
+        raise InvalidInput(f"the signature of attestor {attestor_id} does not verify for this delivery")
+    previous = conn.execute(
+        sa.text("SELECT signature FROM escrow_attestations WHERE escrow_id = :e AND attestor_id = :a"),
+        {"e": escrow_id, "a": attestor_id},
+    ).first()
+    status: accounts.Created = "exists"
+    if previous is None:
+        if escrow.status != "funded":
+            raise Conflict(
+                "escrow_not_attestable", f"escrow {escrow_id} is {escrow.status}; it takes no attestations"
+            )
+        conn.execute(
+            sa.text(
+                "INSERT INTO escrow_attestations (escrow_id, attestor_id, signature) VALUES (:e, :a, :s)"
+            ),
+            {"e": escrow_id, "a": attestor_id, "s": signature},
+        )
+        status = "created"
+    counted = conn.execute(
+        sa.text(
+            "SELECT s.attestor_id, k.pubkey, s.signature FROM escrow_attestations s"
+            " JOIN escrow_attestors k ON k.id = s.attestor_id"
+            " WHERE s.escrow_id = :e AND k.revoked_at IS NULL ORDER BY s.attestor_id"
+        ),
+        {"e": escrow_id},
+    ).all()
+    current = get_escrow(conn, escrow_id)
+    if current.status == "funded" and len(counted) >= escrow.threshold:
+        proof = attestation.release_proof(
+            message,
+            {f"{r.attestor_id:020d}": (bytes(r.pubkey), bytes(r.signature)) for r in counted},
+            escrow.threshold,
+            verifier,
+        )
+        conn.execute(
+            sa.text("UPDATE escrows SET release_proof = :p, proof_signers = :s WHERE id = :id"),
+            {"p": proof.aggregate_signature, "s": [str(int(s)) for s in proof.signers], "id": escrow_id},
+        )
+        current = move(
+            conn, escrow_id, "delivery_confirmed", actor, {"signers": [int(s) for s in proof.signers]}
+        )
+    return AttestOutcome(status, current.status, len(counted), escrow.threshold)

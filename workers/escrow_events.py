@@ -1,0 +1,69 @@
+"""What the escrow contract's confirmed events do to the books (DESIGN §9, §6).
+
+The indexer asks :func:`explain_transfer` who owns tokens moving into or out of the escrow
+contract, and hands every confirmed escrow event to :func:`apply_events` in the same
+transaction as the transfers' bookings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+
+from ledger.commands import ChainRef
+from ledger.custody import TokenTransfer
+from ledger.escrow import service
+
+
+class ChainEvent(Protocol):
+    """A confirmed, decoded event as the indexer holds it."""
+
+    @property
+    def chain(self) -> ChainRef: ...
+    @property
+    def contract(self) -> str: ...
+    @property
+    def event(self) -> str: ...
+    @property
+    def args(self) -> Mapping[str, Any]: ...
+
+
+def _funding(event: ChainEvent) -> service.Funding:
+    args = event.args
+    return service.Funding(
+        chain=event.chain,
+        contract=event.contract,
+        escrow_id=str(args["id"]).lower(),
+        buyer=str(args["buyer"]).lower(),
+        seller=str(args["seller"]).lower(),
+        amount=int(args["amount"]),
+        deadline=datetime.fromtimestamp(int(args["deadline"]), UTC),
+    )
+
+
+def explain_transfer(
+    conn: sa.Connection, escrow_contract: str, transfer: TokenTransfer, same_tx: Sequence[ChainEvent]
+) -> str | None:
+    """The account on the other side of a transfer into the escrow contract that funds one of
+    our escrows (the ``Funded`` event of the same transaction, same buyer and amount)."""
+    if transfer.recipient != escrow_contract:
+        return None
+    for event in same_tx:
+        if event.contract != escrow_contract or event.event != "Funded":
+            continue
+        funding = _funding(event)
+        if funding.buyer == transfer.sender and funding.amount == transfer.amount:
+            return service.funding_account(conn, funding)
+    return None
+
+
+def apply_events(conn: sa.Connection, escrow_contract: str, events: Sequence[ChainEvent]) -> None:
+    """Apply the escrow contract's confirmed events, in chain order."""
+    for event in events:
+        if event.contract != escrow_contract:
+            continue
+        if event.event == "Funded":
+            service.record_funding(conn, _funding(event))
