@@ -51,6 +51,7 @@ class Settings:
     sender_interval_s: float = 1.0
     sender_bump_after_s: float = 30.0
     sender_max_in_flight: int = 64
+    worker_metrics_port: int | None = None
 
     @property
     def deployment_path(self) -> Path:
@@ -141,4 +142,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sender_interval_s=_float(source, "TRACE_SENDER_INTERVAL_S", 1.0, 3600.0),
         sender_bump_after_s=_float(source, "TRACE_SENDER_BUMP_AFTER_S", 30.0, 86_400.0),
         sender_max_in_flight=_int(source, "TRACE_SENDER_MAX_IN_FLIGHT", 64, 1, 10_000),
+        worker_metrics_port=_int(source, "TRACE_WORKER_METRICS_PORT", 0, 0, 65535) or None,
     )

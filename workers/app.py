@@ -92,4 +92,20 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
+def serve_metrics(celery: Celery) -> None:
+    """Export the worker's Prometheus metrics on ``TRACE_WORKER_METRICS_PORT`` once it starts
+    (a worker of one process: the threads or solo pool)."""
+    from celery.signals import worker_init
+    from prometheus_client import start_http_server
+
+    settings: Settings = celery.conf["tracechain_settings"]
+    port = settings.worker_metrics_port
+    if port is None:
+        return
+
+    @worker_init.connect(weak=False)
+    def _start(**_kwargs: Any) -> None:
+        start_http_server(port, addr=settings.api_host)
+
+
 app = make_celery(load_settings())

@@ -94,7 +94,9 @@ def send(settings: Settings, once: bool) -> None:
 
 
 def _celery_main(argv: list[str]) -> None:
-    from workers.app import app
+    from workers.app import app, serve_metrics
+
+    serve_metrics(app)
 
     if argv[0] == "worker":
         app.worker_main(argv)
@@ -103,22 +105,13 @@ def _celery_main(argv: list[str]) -> None:
 
 
 @click.command("worker")
-@click.option("--concurrency", "-c", default=2, show_default=True, help="Worker processes.")
+@click.option("--concurrency", "-c", default=2, show_default=True, help="Worker threads.")
 def worker(concurrency: int) -> None:
-    """The Celery worker of the domain queues (ledger, chain)."""
-    _celery_main(
-        [
-            "worker",
-            "-Q",
-            f"{QUEUE_LEDGER},{QUEUE_CHAIN}",
-            "-c",
-            str(concurrency),
-            "-n",
-            "worker@%h",
-            "-l",
-            "INFO",
-        ]
-    )
+    """The Celery worker of the domain queues (ledger, chain), with threads: the tasks wait on
+    PostgreSQL and the node, and one process exports one set of metrics."""
+    queues = f"{QUEUE_LEDGER},{QUEUE_CHAIN}"
+    argv = ["worker", "-Q", queues, "-P", "threads", "-c", str(concurrency), "-n", "worker@%h", "-l", "INFO"]
+    _celery_main(argv)
 
 
 @click.command("sender")

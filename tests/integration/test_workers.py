@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 import sqlalchemy as sa
@@ -86,6 +88,9 @@ def test_follow_up_tasks_leave_only_after_the_commit(broker_url: str, fresh_db_u
 
 
 def test_a_real_worker_runs_the_expiry_sweep(broker_url: str, fresh_db_url: str, tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
     engine = db.make_engine(fresh_db_url, role=APP_ROLE, pool_size=2)
     with engine.begin() as conn:
         create_asset(conn, "PTS", 0)
@@ -102,6 +107,7 @@ def test_a_real_worker_runs_the_expiry_sweep(broker_url: str, fresh_db_url: str,
         "TRACE_REDIS_URL": broker_url,
         "TRACE_DATA_DIR": str(tmp_path),
         "TRACE_LOG_LEVEL": "WARNING",
+        "TRACE_WORKER_METRICS_PORT": str(metrics_port),
     }
     worker = subprocess.Popen(
         [str(BIN / "tracechain"), "worker", "--concurrency", "1"],
@@ -127,6 +133,9 @@ def test_a_real_worker_runs_the_expiry_sweep(broker_url: str, fresh_db_url: str,
                 sa.text("SELECT credits_pending FROM ledger_accounts WHERE code = 'pts:alice'")
             ).scalar_one()
         assert pending == 0
+        # The worker exports what its tasks did.
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        assert 'tracechain_tasks_total{outcome="ok",task="tracechain.ledger.expire_holds"} 1.0' in metrics
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
