@@ -67,3 +67,15 @@ def apply_events(conn: sa.Connection, escrow_contract: str, events: Sequence[Cha
             continue
         if event.event == "Funded":
             service.record_funding(conn, _funding(event))
+        elif event.event == "Released":
+            args = event.args
+            service.record_release(
+                conn,
+                service.Release(
+                    chain=event.chain,
+                    escrow_id=str(args["id"]).lower(),
+                    to_seller=int(args["toSeller"]),
+                    fee=int(args["fee"]),
+                    remaining=int(args["remaining"]),
+                ),
+            )

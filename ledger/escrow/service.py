@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ledger import accounts, custody, exceptions_queue
-from ledger.commands import ChainRef, check_key
+from ledger.commands import ChainRef, Leg, NewEntry, check_key
 from ledger.errors import Conflict, InvalidInput, NotFound
 from ledger.escrow import attestation
 from ledger.escrow.states import check_move
@@ -206,7 +206,11 @@ def create_escrow(conn: sa.Connection, new: NewEscrow, actor: str) -> tuple[Escr
     if new.deadline <= datetime.now(UTC):
         raise InvalidInput("the deadline must be in the future")
     custody.ensure_chart(conn, new.chain_id, ())
-    accounts.create_account(conn, escrow_account(escrow_id), custody.TOKEN_ASSET, "liability")
+    # Never more paid out of the escrow's account than was funded into it, holds included.
+    accounts.create_account(
+        conn, escrow_account(escrow_id), custody.TOKEN_ASSET, "liability", ["debits_must_not_exceed_credits"]
+    )
+    accounts.create_account(conn, fees_account(), custody.TOKEN_ASSET, "revenue")
     conn.execute(
         sa.text(
             "INSERT INTO escrows (id, chain_id, contract, buyer, seller, amount, fee_bps, deadline,"
@@ -554,3 +558,115 @@ def attest(
             conn, escrow_id, "delivery_confirmed", actor, {"signers": [int(s) for s in proof.signers]}
         )
     return AttestOutcome(status, current.status, len(counted), escrow.threshold)
+
+
+# -- the release saga --------------------------------------------------------------------------
+
+
+def fees_account() -> str:
+    """Revenue from escrow fees."""
+    return "fees:revenue"
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasePlan:
+    """What one release pays: ``to_seller + fee`` out of the escrow, under ``key``."""
+
+    escrow: Escrow
+    key: str
+    to_seller: int
+    fee: int
+    holds: tuple[NewEntry, ...]
+
+
+def plan_release(
+    conn: sa.Connection, escrow_id: str, chain_id: int, amount: int | None = None
+) -> ReleasePlan:
+    """Lock a delivery-confirmed escrow and plan the release of ``amount`` (all that remains when
+    None): the fee is charged on it rounded up, the seller gets the rest. The holds reserve the
+    escrow's funds for the seller (through the outbox clearing account, which the chain's transfer
+    then settles) and for the fee revenue."""
+    escrow = get_escrow(conn, escrow_id, for_update=True)
+    check_move(escrow_id, escrow.status, "releasing")
+    gross = escrow.remaining if amount is None else amount
+    if gross <= 0 or gross > escrow.remaining:
+        raise InvalidInput(f"a release must be between 1 and the {escrow.remaining} the escrow still holds")
+    check_amount(gross)
+    fee = escrow.fee_for(gross)
+    to_seller = gross - fee
+    if to_seller <= 0:
+        raise InvalidInput("the release is too small to pay the seller after the fee")
+    releases = conn.execute(
+        sa.text("SELECT count(*) FROM escrow_history WHERE escrow_id = :id AND to_status = 'releasing'"),
+        {"id": escrow_id},
+    ).scalar_one()
+    key = f"escrow-release:{escrow_id}:{int(releases) + 1}"
+    holds = [
+        NewEntry(
+            f"{key}:seller",
+            (
+                Leg(
+                    escrow_account(escrow_id),
+                    custody.clearing_code(chain_id),
+                    to_seller,
+                    custody.TOKEN_ASSET,
+                    True,
+                ),
+            ),
+            kind="escrow.release",
+            metadata={"escrow_id": escrow_id, "seller": escrow.seller},
+        )
+    ]
+    if fee:
+        holds.append(
+            NewEntry(
+                f"{key}:fee",
+                (Leg(escrow_account(escrow_id), fees_account(), fee, custody.TOKEN_ASSET, True),),
+                kind="escrow.fee",
+                metadata={"escrow_id": escrow_id},
+            )
+        )
+    return ReleasePlan(escrow, key, to_seller, fee, tuple(holds))
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """A confirmed ``Released`` event of the escrow contract."""
+
+    chain: ChainRef
+    escrow_id: str
+    to_seller: int
+    fee: int
+    remaining: int
+
+
+def record_release(conn: sa.Connection, release: Release) -> str:
+    """Apply a confirmed release to its escrow (once per event): the amounts paid, and
+    ``released`` when nothing remains or back to ``funded`` after a partial release."""
+    key = f"escrow_release:{release.chain.chain_id}:{release.chain.tx_hash}:{release.chain.log_index}"
+    escrow = get_escrow(conn, release.escrow_id, for_update=True)
+    seen = conn.execute(
+        sa.text("SELECT 1 FROM escrow_history WHERE escrow_id = :id AND details->>'event' = :key"),
+        {"id": escrow.id, "key": key},
+    ).first()
+    if seen is not None:
+        return escrow.status
+    actor = f"chain:{release.chain.chain_id}"
+    released = escrow.released_amount + release.to_seller
+    fees = escrow.fee_amount + release.fee
+    details = {"event": key, "to_seller": str(release.to_seller), "fee": str(release.fee)}
+    if escrow.status != "releasing":
+        # The arbiter key released outside our saga: the books follow the chain, finance looks.
+        exceptions_queue.open_exception(
+            conn, key, "escrow_release_unplanned", {**details, "status": escrow.status}, chain=release.chain
+        )
+        conn.execute(
+            sa.text(
+                "UPDATE escrows SET released_amount = :r, fee_amount = :f, updated_at = now() WHERE id = :id"
+            ),
+            {"r": released, "f": fees, "id": escrow.id},
+        )
+        _history(conn, escrow.id, escrow.status, escrow.status, "release outside the saga", actor, details)
+        return escrow.status
+    wanted = "released" if release.remaining == 0 else "funded"
+    return move(conn, escrow.id, wanted, actor, details, released_amount=released, fee_amount=fees).status
