@@ -24,6 +24,7 @@ QUEUES = (QUEUE_LEDGER, QUEUE_CHAIN, QUEUE_CHAIN_SEND)
 TASK_INDEX = "tracechain.chain.index"
 TASK_SEND = "tracechain.chain.send"
 TASK_EXPIRE_HOLDS = "tracechain.ledger.expire_holds"
+TASK_ESCROW_SWEEP = "tracechain.escrow.sweep"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -49,6 +50,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             TASK_INDEX: {"queue": QUEUE_CHAIN},
             TASK_SEND: {"queue": QUEUE_CHAIN_SEND},
             TASK_EXPIRE_HOLDS: {"queue": QUEUE_LEDGER},
+            TASK_ESCROW_SWEEP: {"queue": QUEUE_LEDGER},
         },
         "beat_schedule": beat_schedule(settings),
         "worker_hijack_root_logger": False,
@@ -71,6 +73,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "task": TASK_SEND,
             "schedule": timedelta(seconds=settings.sender_interval_s),
             "options": {"expires": max(1.0, settings.sender_interval_s * 2)},
+        },
+        "escrow-deadlines": {
+            "task": TASK_ESCROW_SWEEP,
+            "schedule": timedelta(seconds=30),
+            "options": {"expires": 30},
         },
         "expire-holds": {
             "task": TASK_EXPIRE_HOLDS,

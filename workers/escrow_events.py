@@ -47,8 +47,21 @@ def _funding(event: ChainEvent) -> service.Funding:
 def explain_transfer(
     conn: sa.Connection, escrow_contract: str, transfer: TokenTransfer, same_tx: Sequence[ChainEvent]
 ) -> str | None:
-    """The account on the other side of a transfer into the escrow contract that funds one of
-    our escrows (the ``Funded`` event of the same transaction, same buyer and amount)."""
+    """The account on the other side of a transfer into or out of the escrow contract that one of
+    our escrows explains: a funding (the ``Funded`` event of the same transaction, same buyer and
+    amount) or a refund we did not send ourselves (the buyer's own, after deadline and grace)."""
+    if transfer.sender == escrow_contract:
+        for event in same_tx:
+            if event.contract == escrow_contract and event.event == "Refunded":
+                args = event.args
+                if (
+                    str(args["buyer"]).lower() == transfer.recipient
+                    and int(args["amount"]) == transfer.amount
+                ):
+                    return service.refund_account(
+                        conn, event.chain.chain_id, escrow_contract, str(args["id"]).lower()
+                    )
+        return None
     if transfer.recipient != escrow_contract:
         return None
     for event in same_tx:
@@ -77,5 +90,17 @@ def apply_events(conn: sa.Connection, escrow_contract: str, events: Sequence[Cha
                     to_seller=int(args["toSeller"]),
                     fee=int(args["fee"]),
                     remaining=int(args["remaining"]),
+                ),
+            )
+        elif event.event == "Refunded":
+            args = event.args
+            service.record_refund(
+                conn,
+                service.Refund(
+                    chain=event.chain,
+                    escrow_id=str(args["id"]).lower(),
+                    amount=int(args["amount"]),
+                    remaining=int(args["remaining"]),
+                    by_buyer=bool(args["byBuyer"]),
                 ),
             )

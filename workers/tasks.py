@@ -14,6 +14,7 @@ from celery import Celery
 from ledger.expiry import expire_holds
 from ledger.posting import Poster
 from workers import app as app_module
+from workers import escrow_saga
 from workers.base import TraceTask
 from workers.runtime import Runtime
 
@@ -52,3 +53,11 @@ def register(celery: Celery) -> None:
         created = sum(1 for r in results if r.status == "created")
         log.info("task.expire_holds", expired=created)
         return created
+
+    @celery.task(name=app_module.TASK_ESCROW_SWEEP, base=TraceTask, bind=True, shared=False)
+    def sweep_escrow_deadlines(self: TraceTask) -> dict[str, int]:
+        runtime = runtime_of(celery)
+        report = escrow_saga.sweep(runtime.engine, runtime.deployment)
+        if report.expired or report.returned:
+            log.info("task.escrow_sweep", **report.as_dict())
+        return report.as_dict()

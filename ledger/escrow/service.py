@@ -19,7 +19,7 @@ from ledger import accounts, custody, exceptions_queue
 from ledger.commands import ChainRef, Leg, NewEntry, check_key
 from ledger.errors import Conflict, InvalidInput, NotFound
 from ledger.escrow import attestation
-from ledger.escrow.states import check_move
+from ledger.escrow.states import MOVES, check_move
 from ledger.money import check_amount
 
 ESCROW_KINDS = "liability"
@@ -670,3 +670,132 @@ def record_release(conn: sa.Connection, release: Release) -> str:
         return escrow.status
     wanted = "released" if release.remaining == 0 else "funded"
     return move(conn, escrow.id, wanted, actor, details, released_amount=released, fee_amount=fees).status
+
+
+# -- refunds -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RefundPlan:
+    escrow: Escrow
+    key: str
+    amount: int
+    holds: tuple[NewEntry, ...]
+
+
+def plan_refund(conn: sa.Connection, escrow_id: str, chain_id: int) -> RefundPlan:
+    """Lock an expired (or mismatched-funding) escrow and plan the refund of all it still holds,
+    reserved by a hold through the outbox clearing account."""
+    escrow = get_escrow(conn, escrow_id, for_update=True)
+    check_move(escrow_id, escrow.status, "refunding")
+    if escrow.remaining <= 0:
+        raise InvalidInput(f"escrow {escrow_id} holds nothing to refund")
+    refunds = conn.execute(
+        sa.text("SELECT count(*) FROM escrow_history WHERE escrow_id = :id AND to_status = 'refunding'"),
+        {"id": escrow_id},
+    ).scalar_one()
+    key = f"escrow-refund:{escrow_id}:{int(refunds) + 1}"
+    hold = NewEntry(
+        f"{key}:buyer",
+        (
+            Leg(
+                escrow_account(escrow_id),
+                custody.clearing_code(chain_id),
+                escrow.remaining,
+                custody.TOKEN_ASSET,
+                True,
+            ),
+        ),
+        kind="escrow.refund",
+        metadata={"escrow_id": escrow_id, "buyer": escrow.buyer},
+    )
+    return RefundPlan(escrow, key, escrow.remaining, (hold,))
+
+
+@dataclass(frozen=True, slots=True)
+class Refund:
+    """A confirmed ``Refunded`` event of the escrow contract."""
+
+    chain: ChainRef
+    escrow_id: str
+    amount: int
+    remaining: int
+    by_buyer: bool
+
+
+def record_refund(conn: sa.Connection, refund: Refund) -> str:
+    """Apply a confirmed refund to its escrow (once per event). Our own refund completes the
+    ``refunding`` saga; the buyer's own refund after deadline and grace is followed as it is."""
+    key = f"escrow_refund:{refund.chain.chain_id}:{refund.chain.tx_hash}:{refund.chain.log_index}"
+    escrow = get_escrow(conn, refund.escrow_id, for_update=True)
+    seen = conn.execute(
+        sa.text("SELECT 1 FROM escrow_history WHERE escrow_id = :id AND details->>'event' = :key"),
+        {"id": escrow.id, "key": key},
+    ).first()
+    if seen is not None:
+        return escrow.status
+    actor = f"chain:{refund.chain.chain_id}"
+    details = {"event": key, "amount": str(refund.amount), "by_buyer": refund.by_buyer}
+    refunded = escrow.refunded_amount + refund.amount
+    status = escrow.status
+    if status != "refunding" and "refunding" in _moves_from(status):
+        # The buyer's own refund (or staff's from outside the saga): the chain has moved.
+        status = move(conn, escrow.id, "refunding", actor, details).status
+    if status == "refunding":
+        if refund.remaining == 0:
+            return move(conn, escrow.id, "refunded", actor, details, refunded_amount=refunded).status
+        conn.execute(
+            sa.text("UPDATE escrows SET refunded_amount = :r, updated_at = now() WHERE id = :id"),
+            {"r": refunded, "id": escrow.id},
+        )
+        _history(conn, escrow.id, status, status, "partial refund", actor, details)
+        return status
+    exceptions_queue.open_exception(
+        conn, key, "escrow_refund_unplanned", {**details, "status": status}, chain=refund.chain
+    )
+    conn.execute(
+        sa.text("UPDATE escrows SET refunded_amount = :r, updated_at = now() WHERE id = :id"),
+        {"r": refunded, "id": escrow.id},
+    )
+    _history(conn, escrow.id, status, status, "refund outside the saga", actor, details)
+    return status
+
+
+def _moves_from(status: str) -> frozenset[str]:
+    return frozenset(MOVES.get(status, {}))
+
+
+def refund_account(conn: sa.Connection, chain_id: int, contract: str, escrow_id: str) -> str | None:
+    """The escrow's own account for tokens leaving the contract by a refund we did not send."""
+    row = conn.execute(
+        sa.text("SELECT 1 FROM escrows WHERE id = :id AND contract = :c AND chain_id = :chain"),
+        {"id": escrow_id, "c": contract, "chain": chain_id},
+    ).first()
+    return None if row is None else escrow_account(escrow_id)
+
+
+def overdue(conn: sa.Connection, now: datetime, limit: int = 500) -> list[Escrow]:
+    """Escrows whose deadline passed while still awaiting funding or funded (not confirmed)."""
+    rows = conn.execute(
+        sa.text(
+            _SELECT + " WHERE e.status IN ('awaiting_funding', 'funded') AND e.deadline < :now"
+            " ORDER BY e.deadline LIMIT :n"
+        ),
+        {"now": now, "n": limit},
+    ).all()
+    return [_from_row(r) for r in rows]
+
+
+def stalled(conn: sa.Connection, limit: int = 500) -> list[tuple[Escrow, str]]:
+    """Escrows in a saga whose latest chain action failed, with the status to return to."""
+    rows = conn.execute(
+        sa.text(
+            _SELECT + " WHERE e.status IN ('releasing', 'refunding') AND EXISTS ("
+            " SELECT 1 FROM chain_outbox o WHERE o.metadata->>'escrow_id' = e.id AND o.status = 'failed'"
+            " AND o.id = (SELECT max(o2.id) FROM chain_outbox o2 WHERE o2.metadata->>'escrow_id' = e.id))"
+            " ORDER BY e.id LIMIT :n"
+        ),
+        {"n": limit},
+    ).all()
+    back = {"releasing": "delivery_confirmed", "refunding": "expired"}
+    return [(escrow, back[escrow.status]) for escrow in map(_from_row, rows)]
