@@ -24,7 +24,14 @@ from ledger.commands import Leg, NewEntry
 from ledger.posting import Poster
 from ledger.settings import load_settings
 from tests.conftest import APP_ROLE
-from workers.app import QUEUE_LEDGER, TASK_EXPIRE_HOLDS, TASK_INDEX, TASK_SEND, make_celery
+from workers.app import (
+    QUEUE_LEDGER,
+    TASK_ESCROW_SWEEP,
+    TASK_EXPIRE_HOLDS,
+    TASK_INDEX,
+    TASK_SEND,
+    make_celery,
+)
 from workers.base import unit_of_work
 
 BIN = Path(sys.executable).parent
@@ -61,6 +68,7 @@ def test_configuration_is_explicit() -> None:
         TASK_INDEX,
         TASK_SEND,
         TASK_EXPIRE_HOLDS,
+        TASK_ESCROW_SWEEP,
     }
 
 
