@@ -344,11 +344,24 @@ def funding_account(conn: sa.Connection, funding: Funding) -> str | None:
     return None if row is None else escrow_account(funding.escrow_id)
 
 
+def _event_key(kind: str, chain: ChainRef) -> str:
+    return f"{kind}:{chain.chain_id}:{chain.tx_hash}:{chain.log_index}"
+
+
+def _applied(conn: sa.Connection, escrow_id: str, event_key: str) -> bool:
+    """Whether the escrow's history already holds the effect of the chain event ``event_key``."""
+    row = conn.execute(
+        sa.text("SELECT 1 FROM escrow_history WHERE escrow_id = :id AND details->>'event' = :key"),
+        {"id": escrow_id, "key": event_key},
+    ).first()
+    return row is not None
+
+
 def record_funding(conn: sa.Connection, funding: Funding) -> str:
     """Apply a confirmed funding to its escrow: ``funded`` when it matches what was agreed, else
     ``funding_exception`` with an exception for finance; an unknown escrow raises one too.
     Returns the resulting status (or ``unknown``). Safe to run twice for the same event."""
-    key = f"escrow_funding:{funding.chain.chain_id}:{funding.chain.tx_hash}:{funding.chain.log_index}"
+    key = _event_key("escrow_funding", funding.chain)
     account = funding_account(conn, funding)
     details = {
         "escrow_id": funding.escrow_id,
@@ -361,11 +374,7 @@ def record_funding(conn: sa.Connection, funding: Funding) -> str:
         exceptions_queue.open_exception(conn, key, "escrow_funding_unknown", details, chain=funding.chain)
         return "unknown"
     escrow = get_escrow(conn, funding.escrow_id, for_update=True)
-    seen = conn.execute(
-        sa.text("SELECT 1 FROM escrow_history WHERE escrow_id = :id AND details->>'event' = :key"),
-        {"id": escrow.id, "key": key},
-    ).first()
-    if seen is not None:
+    if _applied(conn, escrow.id, key):
         return escrow.status
     problems = _funding_problems(escrow, funding)
     actor = f"chain:{funding.chain.chain_id}"
@@ -643,13 +652,9 @@ class Release:
 def record_release(conn: sa.Connection, release: Release) -> str:
     """Apply a confirmed release to its escrow (once per event): the amounts paid, and
     ``released`` when nothing remains or back to ``funded`` after a partial release."""
-    key = f"escrow_release:{release.chain.chain_id}:{release.chain.tx_hash}:{release.chain.log_index}"
+    key = _event_key("escrow_release", release.chain)
     escrow = get_escrow(conn, release.escrow_id, for_update=True)
-    seen = conn.execute(
-        sa.text("SELECT 1 FROM escrow_history WHERE escrow_id = :id AND details->>'event' = :key"),
-        {"id": escrow.id, "key": key},
-    ).first()
-    if seen is not None:
+    if _applied(conn, escrow.id, key):
         return escrow.status
     actor = f"chain:{release.chain.chain_id}"
     released = escrow.released_amount + release.to_seller
@@ -726,13 +731,9 @@ class Refund:
 def record_refund(conn: sa.Connection, refund: Refund) -> str:
     """Apply a confirmed refund to its escrow (once per event). Our own refund completes the
     ``refunding`` saga; the buyer's own refund after deadline and grace is followed as it is."""
-    key = f"escrow_refund:{refund.chain.chain_id}:{refund.chain.tx_hash}:{refund.chain.log_index}"
+    key = _event_key("escrow_refund", refund.chain)
     escrow = get_escrow(conn, refund.escrow_id, for_update=True)
-    seen = conn.execute(
-        sa.text("SELECT 1 FROM escrow_history WHERE escrow_id = :id AND details->>'event' = :key"),
-        {"id": escrow.id, "key": key},
-    ).first()
-    if seen is not None:
+    if _applied(conn, escrow.id, key):
         return escrow.status
     actor = f"chain:{refund.chain.chain_id}"
     details = {"event": key, "amount": str(refund.amount), "by_buyer": refund.by_buyer}
