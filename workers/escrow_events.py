@@ -7,7 +7,7 @@ transaction as the transfers' bookings.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -73,34 +73,39 @@ def explain_transfer(
     return None
 
 
+def _release(event: ChainEvent) -> service.Release:
+    args = event.args
+    return service.Release(
+        chain=event.chain,
+        escrow_id=str(args["id"]).lower(),
+        to_seller=int(args["toSeller"]),
+        fee=int(args["fee"]),
+        remaining=int(args["remaining"]),
+    )
+
+
+def _refund(event: ChainEvent) -> service.Refund:
+    args = event.args
+    return service.Refund(
+        chain=event.chain,
+        escrow_id=str(args["id"]).lower(),
+        amount=int(args["amount"]),
+        remaining=int(args["remaining"]),
+        by_buyer=bool(args["byBuyer"]),
+    )
+
+
+# Each escrow event the books follow, and what applies it.
+_APPLY: dict[str, Callable[[sa.Connection, ChainEvent], str]] = {
+    "Funded": lambda conn, event: service.record_funding(conn, _funding(event)),
+    "Released": lambda conn, event: service.record_release(conn, _release(event)),
+    "Refunded": lambda conn, event: service.record_refund(conn, _refund(event)),
+}
+
+
 def apply_events(conn: sa.Connection, escrow_contract: str, events: Sequence[ChainEvent]) -> None:
     """Apply the escrow contract's confirmed events, in chain order."""
     for event in events:
-        if event.contract != escrow_contract:
-            continue
-        if event.event == "Funded":
-            service.record_funding(conn, _funding(event))
-        elif event.event == "Released":
-            args = event.args
-            service.record_release(
-                conn,
-                service.Release(
-                    chain=event.chain,
-                    escrow_id=str(args["id"]).lower(),
-                    to_seller=int(args["toSeller"]),
-                    fee=int(args["fee"]),
-                    remaining=int(args["remaining"]),
-                ),
-            )
-        elif event.event == "Refunded":
-            args = event.args
-            service.record_refund(
-                conn,
-                service.Refund(
-                    chain=event.chain,
-                    escrow_id=str(args["id"]).lower(),
-                    amount=int(args["amount"]),
-                    remaining=int(args["remaining"]),
-                    by_buyer=bool(args["byBuyer"]),
-                ),
-            )
+        apply = _APPLY.get(event.event) if event.contract == escrow_contract else None
+        if apply is not None:
+            apply(conn, event)
