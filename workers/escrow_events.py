@@ -95,12 +95,41 @@ def _refund(event: ChainEvent) -> service.Refund:
     )
 
 
+def _deadline(conn: sa.Connection, event: ChainEvent) -> str:
+    args = event.args
+    deadline = datetime.fromtimestamp(int(args["deadline"]), UTC)
+    return service.record_deadline(conn, event.chain, str(args["id"]).lower(), deadline)
+
+
+def _undo_funding(conn: sa.Connection, event: ChainEvent) -> str:
+    funding = _funding(event)
+    if service.funding_account(conn, funding) is None:
+        return "unknown"
+    return service.undo_funding(conn, event.chain, funding.escrow_id, funding.amount)
+
+
 # Each escrow event the books follow, and what applies it.
 _APPLY: dict[str, Callable[[sa.Connection, ChainEvent], str]] = {
     "Funded": lambda conn, event: service.record_funding(conn, _funding(event)),
     "Released": lambda conn, event: service.record_release(conn, _release(event)),
     "Refunded": lambda conn, event: service.record_refund(conn, _refund(event)),
+    "DeadlineExtended": _deadline,
 }
+
+# What undoes an applied event a reorg took away. A release or refund of ours that is orphaned
+# also has its outbox row's receipt orphaned: the sender's confirmation depth and the custody
+# compensation cover it, and finance gets the reorg exception.
+_UNDO: dict[str, Callable[[sa.Connection, ChainEvent], str]] = {
+    "Funded": _undo_funding,
+}
+
+
+def undo_events(conn: sa.Connection, escrow_contract: str, events: Sequence[ChainEvent]) -> None:
+    """Undo what orphaned, already applied escrow events did, latest first."""
+    for event in reversed(events):
+        undo = _UNDO.get(event.event) if event.contract == escrow_contract else None
+        if undo is not None:
+            undo(conn, event)
 
 
 def apply_events(conn: sa.Connection, escrow_contract: str, events: Sequence[ChainEvent]) -> None:

@@ -202,10 +202,27 @@ class Indexer:
                 sa.text(
                     "UPDATE chain_events SET status = 'orphaned', orphaned_at = :now"
                     " WHERE chain_id = :c AND block_number > :a AND status = 'canonical'"
-                    " RETURNING block_hash, handled_at IS NOT NULL AS handled"
+                    " RETURNING block_hash, handled_at IS NOT NULL AS handled, tx_hash, log_index,"
+                    " block_number, contract, event, args"
                 ),
                 {"c": self.chain_id, "a": ancestor, "now": now},
             ).all()
+            # The escrows forget what the orphaned events did, before the tokens are reversed.
+            escrow_events.undo_events(
+                conn,
+                self.deployment.escrow,
+                [
+                    _Event(
+                        0,
+                        ChainRef(self.chain_id, r.tx_hash, r.log_index, r.block_number, r.block_hash),
+                        r.contract,
+                        r.event,
+                        r.args,
+                    )
+                    for r in sorted(orphaned, key=lambda r: (r.block_number, r.log_index))
+                    if r.handled
+                ],
+            )
             report.orphaned += len(orphaned)
             handled_hashes = {r.block_hash for r in orphaned if r.handled}
             reversals = custody.compensations(conn, self.chain_id, handled_hashes)

@@ -53,9 +53,12 @@ class NewEscrow:
     delivery_ref: str
     attestor_ids: tuple[int, ...]
     threshold: int
+    auto_release: bool = True
 
     def __post_init__(self) -> None:
         check_key(self.key)
+        if not isinstance(self.auto_release, bool):
+            raise InvalidInput("auto_release must be true or false")
         if isinstance(self.chain_id, bool) or not isinstance(self.chain_id, int) or self.chain_id <= 0:
             raise InvalidInput("chain_id must be a positive integer")
         for name in ("contract", "buyer", "seller"):
@@ -113,6 +116,7 @@ class Escrow:
     fee_amount: int
     refunded_amount: int
     has_release_proof: bool
+    auto_release: bool
 
     @property
     def remaining(self) -> int:
@@ -143,13 +147,14 @@ class Escrow:
             "refunded_amount": str(self.refunded_amount),
             "remaining": str(self.remaining),
             "has_release_proof": self.has_release_proof,
+            "auto_release": self.auto_release,
         }
 
 
 _SELECT = (
     "SELECT e.id, e.chain_id, e.contract, e.buyer, e.seller, e.amount, e.fee_bps, e.deadline,"
     " e.delivery_ref, e.threshold, e.status, e.funded_amount, e.released_amount, e.fee_amount,"
-    " e.refunded_amount, e.release_proof IS NOT NULL AS has_proof,"
+    " e.refunded_amount, e.release_proof IS NOT NULL AS has_proof, e.auto_release,"
     " ARRAY(SELECT p.attestor_id FROM escrow_policy p WHERE p.escrow_id = e.id ORDER BY p.attestor_id)"
     " AS attestor_ids FROM escrows e"
 )
@@ -174,6 +179,7 @@ def _from_row(r: Any) -> Escrow:
         int(r.fee_amount),
         int(r.refunded_amount),
         bool(r.has_proof),
+        bool(r.auto_release),
     )
 
 
@@ -214,8 +220,8 @@ def create_escrow(conn: sa.Connection, new: NewEscrow, actor: str) -> tuple[Escr
     conn.execute(
         sa.text(
             "INSERT INTO escrows (id, chain_id, contract, buyer, seller, amount, fee_bps, deadline,"
-            " delivery_ref, threshold, created_by) VALUES (:id, :chain_id, :contract, :buyer, :seller,"
-            " :amount, :fee_bps, :deadline, :delivery_ref, :threshold, :actor)"
+            " delivery_ref, threshold, auto_release, created_by) VALUES (:id, :chain_id, :contract, :buyer,"
+            " :seller, :amount, :fee_bps, :deadline, :delivery_ref, :threshold, :auto, :actor)"
         ),
         {
             "id": escrow_id,
@@ -228,6 +234,7 @@ def create_escrow(conn: sa.Connection, new: NewEscrow, actor: str) -> tuple[Escr
             "deadline": new.deadline,
             "delivery_ref": new.delivery_ref,
             "threshold": new.threshold,
+            "auto": new.auto_release,
             "actor": actor,
         },
     )
@@ -252,6 +259,7 @@ def _same(existing: Escrow, new: NewEscrow) -> bool:
         and existing.deadline == new.deadline
         and existing.delivery_ref == new.delivery_ref
         and existing.threshold == new.threshold
+        and existing.auto_release == new.auto_release
         and existing.attestor_ids == tuple(sorted(new.attestor_ids))
     )
 
@@ -351,10 +359,14 @@ def _event_key(kind: str, chain: ChainRef) -> str:
 def _applied(conn: sa.Connection, escrow_id: str, event_key: str) -> bool:
     """Whether the escrow's history already holds the effect of the chain event ``event_key``."""
     row = conn.execute(
-        sa.text("SELECT 1 FROM escrow_history WHERE escrow_id = :id AND details->>'event' = :key"),
+        sa.text(
+            "SELECT count(*) FILTER (WHERE details->>'event' = :key)"
+            " > count(*) FILTER (WHERE details->>'undone' = :key) FROM escrow_history"
+            " WHERE escrow_id = :id AND (details->>'event' = :key OR details->>'undone' = :key)"
+        ),
         {"id": escrow_id, "key": event_key},
-    ).first()
-    return row is not None
+    ).scalar_one()
+    return bool(row)
 
 
 def record_funding(conn: sa.Connection, funding: Funding) -> str:
@@ -423,6 +435,8 @@ def list_escrows(
     status: str | None = None,
     party: str | None = None,
     deadline_before: datetime | None = None,
+    deadline_after: datetime | None = None,
+    auto_release: bool | None = None,
     after_id: str | None = None,
     limit: int = 100,
 ) -> Sequence[Escrow]:
@@ -433,6 +447,8 @@ def list_escrows(
             _SELECT + " WHERE (CAST(:status AS text) IS NULL OR e.status = :status)"
             " AND (CAST(:party AS text) IS NULL OR e.buyer = :party OR e.seller = :party)"
             " AND (CAST(:before AS timestamptz) IS NULL OR e.deadline < :before)"
+            " AND (CAST(:since AS timestamptz) IS NULL OR e.deadline >= :since)"
+            " AND (CAST(:auto AS boolean) IS NULL OR e.auto_release = :auto)"
             " AND (CAST(:after AS text) IS NULL OR e.id > :after)"
             " ORDER BY e.id LIMIT :limit"
         ),
@@ -440,6 +456,8 @@ def list_escrows(
             "status": status,
             "party": party_address,
             "before": deadline_before,
+            "since": deadline_after,
+            "auto": auto_release,
             "after": after_id,
             "limit": limit,
         },
@@ -577,6 +595,49 @@ def fees_account() -> str:
     return "fees:revenue"
 
 
+def release_holds(escrow: Escrow, key: str, chain_id: int, to_seller: int, fee: int) -> tuple[NewEntry, ...]:
+    """The holds of a release under ``key``: the seller's part through the outbox clearing
+    account (which the chain's transfer then settles), the fee to revenue."""
+    holds = []
+    if to_seller:
+        holds.append(
+            NewEntry(
+                f"{key}:seller",
+                (
+                    Leg(
+                        escrow_account(escrow.id),
+                        custody.clearing_code(chain_id),
+                        to_seller,
+                        custody.TOKEN_ASSET,
+                        True,
+                    ),
+                ),
+                kind="escrow.release",
+                metadata={"escrow_id": escrow.id, "seller": escrow.seller},
+            )
+        )
+    if fee:
+        holds.append(
+            NewEntry(
+                f"{key}:fee",
+                (Leg(escrow_account(escrow.id), fees_account(), fee, custody.TOKEN_ASSET, True),),
+                kind="escrow.fee",
+                metadata={"escrow_id": escrow.id},
+            )
+        )
+    return tuple(holds)
+
+
+def refund_hold(escrow: Escrow, key: str, chain_id: int, amount: int) -> NewEntry:
+    """The hold of a refund of ``amount`` to the buyer under ``key``."""
+    return NewEntry(
+        f"{key}:buyer",
+        (Leg(escrow_account(escrow.id), custody.clearing_code(chain_id), amount, custody.TOKEN_ASSET, True),),
+        kind="escrow.refund",
+        metadata={"escrow_id": escrow.id, "buyer": escrow.buyer},
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ReleasePlan:
     """What one release pays: ``to_seller + fee`` out of the escrow, under ``key``."""
@@ -610,32 +671,8 @@ def plan_release(
         {"id": escrow_id},
     ).scalar_one()
     key = f"escrow-release:{escrow_id}:{int(releases) + 1}"
-    holds = [
-        NewEntry(
-            f"{key}:seller",
-            (
-                Leg(
-                    escrow_account(escrow_id),
-                    custody.clearing_code(chain_id),
-                    to_seller,
-                    custody.TOKEN_ASSET,
-                    True,
-                ),
-            ),
-            kind="escrow.release",
-            metadata={"escrow_id": escrow_id, "seller": escrow.seller},
-        )
-    ]
-    if fee:
-        holds.append(
-            NewEntry(
-                f"{key}:fee",
-                (Leg(escrow_account(escrow_id), fees_account(), fee, custody.TOKEN_ASSET, True),),
-                kind="escrow.fee",
-                metadata={"escrow_id": escrow_id},
-            )
-        )
-    return ReleasePlan(escrow, key, to_seller, fee, tuple(holds))
+    holds = release_holds(escrow, key, chain_id, to_seller, fee)
+    return ReleasePlan(escrow, key, to_seller, fee, holds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -660,21 +697,72 @@ def record_release(conn: sa.Connection, release: Release) -> str:
     released = escrow.released_amount + release.to_seller
     fees = escrow.fee_amount + release.fee
     details = {"event": key, "to_seller": str(release.to_seller), "fee": str(release.fee)}
-    if escrow.status != "releasing":
-        # The arbiter key released outside our saga: the books follow the chain, finance looks.
-        exceptions_queue.open_exception(
-            conn, key, "escrow_release_unplanned", {**details, "status": escrow.status}, chain=release.chain
-        )
+    if escrow.status == "releasing":
+        wanted = "released" if release.remaining == 0 else "delivery_confirmed"
+        return move(conn, escrow.id, wanted, actor, details, released_amount=released, fee_amount=fees).status
+    return _follow(
+        conn, escrow, release.chain, "release", actor, details, released_amount=released, fee_amount=fees
+    )
+
+
+def finish_resolution(conn: sa.Connection, escrow_id: str, outcome: str) -> None:
+    """Close the escrow's resolution being carried out as ``executed`` (closing its dispute too)
+    or ``failed`` (the dispute stays open for another decision)."""
+    row = conn.execute(
+        sa.text(
+            "UPDATE escrow_resolutions SET status = :s WHERE escrow_id = :e AND status = 'executing'"
+            " RETURNING dispute_id"
+        ),
+        {"s": outcome, "e": escrow_id},
+    ).first()
+    if row is not None and outcome == "executed":
         conn.execute(
-            sa.text(
-                "UPDATE escrows SET released_amount = :r, fee_amount = :f, updated_at = now() WHERE id = :id"
-            ),
-            {"r": released, "f": fees, "id": escrow.id},
+            sa.text("UPDATE escrow_disputes SET closed_at = now() WHERE id = :id"), {"id": row.dispute_id}
         )
-        _history(conn, escrow.id, escrow.status, escrow.status, "release outside the saga", actor, details)
+
+
+def _sent_by_us(conn: sa.Connection, chain: ChainRef) -> bool:
+    """Whether the event's transaction is one the sender signed (a saga's chain action)."""
+    row = conn.execute(
+        sa.text("SELECT 1 FROM chain_tx_attempts WHERE tx_hash = :h"), {"h": chain.tx_hash}
+    ).first()
+    return row is not None
+
+
+def _follow(
+    conn: sa.Connection,
+    escrow: Escrow,
+    chain: ChainRef,
+    what: str,
+    actor: str,
+    details: dict[str, Any],
+    **amounts: int,
+) -> str:
+    """Book a release or refund that is not the plain saga's: a split's part while ``resolving``
+    (``resolved`` once nothing remains), one of our own transactions confirming after its saga
+    moved on, or an unplanned one (the books follow the chain; finance gets an exception)."""
+    assignments = ", ".join(f"{name} = :{name}" for name in sorted(amounts))
+    conn.execute(
+        sa.text(f"UPDATE escrows SET {assignments}, updated_at = now() WHERE id = :id"),
+        {"id": escrow.id, **amounts},
+    )
+    after = get_escrow(conn, escrow.id)
+    if escrow.status == "resolving":
+        if after.remaining == 0:
+            finish_resolution(conn, escrow.id, "executed")
+            return move(conn, escrow.id, "resolved", actor, details).status
+        _history(
+            conn, escrow.id, escrow.status, escrow.status, f"the split's {what} confirmed", actor, details
+        )
         return escrow.status
-    wanted = "released" if release.remaining == 0 else "funded"
-    return move(conn, escrow.id, wanted, actor, details, released_amount=released, fee_amount=fees).status
+    if _sent_by_us(conn, chain):
+        _history(conn, escrow.id, escrow.status, escrow.status, f"our {what} confirmed late", actor, details)
+        return escrow.status
+    exceptions_queue.open_exception(
+        conn, details["event"], f"escrow_{what}_unplanned", {**details, "status": escrow.status}, chain=chain
+    )
+    _history(conn, escrow.id, escrow.status, escrow.status, f"{what} outside the saga", actor, details)
+    return escrow.status
 
 
 # -- refunds -------------------------------------------------------------------------------------
@@ -700,20 +788,7 @@ def plan_refund(conn: sa.Connection, escrow_id: str, chain_id: int) -> RefundPla
         {"id": escrow_id},
     ).scalar_one()
     key = f"escrow-refund:{escrow_id}:{int(refunds) + 1}"
-    hold = NewEntry(
-        f"{key}:buyer",
-        (
-            Leg(
-                escrow_account(escrow_id),
-                custody.clearing_code(chain_id),
-                escrow.remaining,
-                custody.TOKEN_ASSET,
-                True,
-            ),
-        ),
-        kind="escrow.refund",
-        metadata={"escrow_id": escrow_id, "buyer": escrow.buyer},
-    )
+    hold = refund_hold(escrow, key, chain_id, escrow.remaining)
     return RefundPlan(escrow, key, escrow.remaining, (hold,))
 
 
@@ -739,8 +814,8 @@ def record_refund(conn: sa.Connection, refund: Refund) -> str:
     details = {"event": key, "amount": str(refund.amount), "by_buyer": refund.by_buyer}
     refunded = escrow.refunded_amount + refund.amount
     status = escrow.status
-    if status != "refunding" and "refunding" in _moves_from(status):
-        # The buyer's own refund (or staff's from outside the saga): the chain has moved.
+    if refund.by_buyer and "refunding" in _moves_from(status):
+        # The buyer's own refund after deadline and grace: the chain has moved.
         status = move(conn, escrow.id, "refunding", actor, details).status
     if status == "refunding":
         if refund.remaining == 0:
@@ -751,15 +826,7 @@ def record_refund(conn: sa.Connection, refund: Refund) -> str:
         )
         _history(conn, escrow.id, status, status, "partial refund", actor, details)
         return status
-    exceptions_queue.open_exception(
-        conn, key, "escrow_refund_unplanned", {**details, "status": status}, chain=refund.chain
-    )
-    conn.execute(
-        sa.text("UPDATE escrows SET refunded_amount = :r, updated_at = now() WHERE id = :id"),
-        {"r": refunded, "id": escrow.id},
-    )
-    _history(conn, escrow.id, status, status, "refund outside the saga", actor, details)
-    return status
+    return _follow(conn, escrow, refund.chain, "refund", actor, details, refunded_amount=refunded)
 
 
 def _moves_from(status: str) -> frozenset[str]:
@@ -788,15 +855,80 @@ def overdue(conn: sa.Connection, now: datetime, limit: int = 500) -> list[Escrow
 
 
 def stalled(conn: sa.Connection, limit: int = 500) -> list[tuple[Escrow, str]]:
-    """Escrows in a saga whose latest chain action failed, with the status to return to."""
+    """Escrows in a saga whose chain action failed, with the status to return to: a release or
+    refund whose latest action failed; a split none of whose actions is still open and one of
+    which failed (what did confirm stays booked; finance decides the rest again)."""
     rows = conn.execute(
         sa.text(
-            _SELECT + " WHERE e.status IN ('releasing', 'refunding') AND EXISTS ("
+            _SELECT + " WHERE (e.status IN ('releasing', 'refunding') AND EXISTS ("
             " SELECT 1 FROM chain_outbox o WHERE o.metadata->>'escrow_id' = e.id AND o.status = 'failed'"
-            " AND o.id = (SELECT max(o2.id) FROM chain_outbox o2 WHERE o2.metadata->>'escrow_id' = e.id))"
+            " AND o.id = (SELECT max(o2.id) FROM chain_outbox o2 WHERE o2.metadata->>'escrow_id' = e.id"
+            " AND o2.action IN ('escrow.release', 'escrow.refund'))))"
+            " OR (e.status = 'resolving' AND EXISTS (SELECT 1 FROM escrow_resolutions r"
+            " WHERE r.escrow_id = e.id AND r.status = 'executing'"
+            " AND EXISTS (SELECT 1 FROM chain_outbox o WHERE o.metadata->>'escrow_id' = e.id"
+            " AND o.metadata->>'resolution' = r.id::text AND o.status = 'failed')"
+            " AND NOT EXISTS (SELECT 1 FROM chain_outbox o WHERE o.metadata->>'escrow_id' = e.id"
+            " AND o.metadata->>'resolution' = r.id::text AND o.status IN ('queued', 'signed', 'sent'))))"
             " ORDER BY e.id LIMIT :n"
         ),
         {"n": limit},
     ).all()
-    back = {"releasing": "delivery_confirmed", "refunding": "expired"}
+    back = {"releasing": "delivery_confirmed", "refunding": "expired", "resolving": "disputed"}
     return [(escrow, back[escrow.status]) for escrow in map(_from_row, rows)]
+
+
+def record_deadline(conn: sa.Connection, chain: ChainRef, escrow_id: str, deadline: datetime) -> str:
+    """Follow a confirmed ``DeadlineExtended`` event (a dispute's freeze): the escrow's deadline
+    is the chain's from now on. Once per event; an unknown escrow is left to the exceptions."""
+    key = _event_key("escrow_deadline", chain)
+    row = conn.execute(sa.text("SELECT 1 FROM escrows WHERE id = :id"), {"id": escrow_id}).first()
+    if row is None:
+        exceptions_queue.open_exception(
+            conn, key, "escrow_deadline_unknown", {"escrow_id": escrow_id}, chain=chain
+        )
+        return "unknown"
+    escrow = get_escrow(conn, escrow_id, for_update=True)
+    if _applied(conn, escrow_id, key):
+        return escrow.status
+    conn.execute(
+        sa.text("UPDATE escrows SET deadline = :d, updated_at = now() WHERE id = :id"),
+        {"d": deadline, "id": escrow_id},
+    )
+    details = {"event": key, "from": escrow.deadline.isoformat(), "to": deadline.isoformat()}
+    actor = f"chain:{chain.chain_id}"
+    _history(
+        conn, escrow_id, escrow.status, escrow.status, "the deadline was extended on chain", actor, details
+    )
+    return escrow.status
+
+
+def undo_funding(conn: sa.Connection, chain: ChainRef, escrow_id: str, amount: int) -> str:
+    """A reorg took a booked funding out of the canonical chain (the custody compensation
+    reverses its tokens). The escrow forgets it: back to ``awaiting_funding`` while nothing was
+    paid out of it, else it stays where it is and finance gets an exception. The funding's event
+    key is marked undone, so the same transaction re-included later applies again."""
+    key = _event_key("escrow_funding", chain)
+    escrow = get_escrow(conn, escrow_id, for_update=True)
+    if not _applied(conn, escrow_id, key):
+        return escrow.status
+    actor = f"chain:{chain.chain_id}"
+    details = {"undone": key, "amount": str(amount), "block_hash": chain.block_hash}
+    funded = escrow.funded_amount - amount
+    paid = escrow.released_amount + escrow.fee_amount + escrow.refunded_amount
+    if "awaiting_funding" in _moves_from(escrow.status) and paid == 0 and funded == 0:
+        return move(conn, escrow_id, "awaiting_funding", actor, details, funded_amount=0).status
+    if funded >= paid:
+        conn.execute(
+            sa.text("UPDATE escrows SET funded_amount = :f, updated_at = now() WHERE id = :id"),
+            {"f": funded, "id": escrow_id},
+        )
+    exceptions_queue.open_exception(
+        conn,
+        f"undo:{key}:{chain.block_hash}",
+        "escrow_funding_orphaned",
+        {**details, "escrow_id": escrow_id, "status": escrow.status},
+        chain=chain,
+    )
+    _history(conn, escrow_id, escrow.status, escrow.status, "a reorg took the funding away", actor, details)
+    return escrow.status

@@ -33,15 +33,19 @@ MOVES: Final[dict[str, dict[str, str]]] = {
         "expired": "the deadline passed without delivery confirmation",
         "disputed": "a party or staff opened a dispute",
         "refunding": "the buyer's own on-chain refund after deadline and grace, or staff refund",
+        "awaiting_funding": "a reorg took the funding transaction out of the canonical chain",
     },
     "delivery_confirmed": {
         "releasing": "the release saga started (hold and outbox written)",
         "disputed": "a party or staff opened a dispute before the release",
+        "awaiting_funding": "a reorg took the funding transaction out of the canonical chain",
     },
     "releasing": {
         "released": "the release confirmed on chain and the escrow is exhausted",
-        "funded": "a partial release confirmed; the rest stays in escrow",
-        "delivery_confirmed": "the release transaction failed; the hold was voided, it may be retried",
+        "delivery_confirmed": (
+            "a partial release (a milestone) confirmed and the rest waits for the next one, or the"
+            " release transaction failed, its hold was voided and it may be retried"
+        ),
     },
     "expired": {
         "refunding": "the refund saga started",
@@ -52,7 +56,7 @@ MOVES: Final[dict[str, dict[str, str]]] = {
         "expired": "the refund transaction failed; the hold was voided, it may be retried",
     },
     "disputed": {
-        "resolving": "finance decided a split (approved where its size requires)",
+        "resolving": "finance decided a split (approved where its size requires); the chain carries it out",
     },
     "resolving": {
         "resolved": "the split's release and refund confirmed on chain",
@@ -60,6 +64,7 @@ MOVES: Final[dict[str, dict[str, str]]] = {
     },
     "funding_exception": {
         "refunding": "staff refund the mismatched funding to the buyer",
+        "awaiting_funding": "a reorg took the funding transaction out of the canonical chain",
     },
     "released": {},
     "refunded": {},
