@@ -23,6 +23,7 @@ from admin_api.resources import (
     assets,
     audit_log,
     entries,
+    escrows,
     history,
     holds,
     ledger_state,
@@ -104,6 +105,7 @@ def create_app(
         history.blp,
         entries.blp,
         holds.blp,
+        escrows.blp,
         audit_log.blp,
     ):
         api.register_blueprint(blueprint)
@@ -117,7 +119,7 @@ def create_app(
         engine = make_engine(str(url), role=settings.db_role)
     poster = Poster(engine)
     queue = PostingQueue(poster, batch_max=settings.engine_batch_max, linger_ms=settings.engine_linger_ms)
-    state = LedgerState(engine, poster, queue, ApiMetrics(), owns_engine)
+    state = LedgerState(engine, poster, queue, ApiMetrics(), owns_engine, settings)
     app.extensions[EXTENSION_KEY] = state
     # Runs at garbage collection or interpreter exit, whichever comes first; close is idempotent.
     weakref.finalize(app, state.close)

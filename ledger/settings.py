@@ -52,6 +52,11 @@ class Settings:
     sender_bump_after_s: float = 30.0
     sender_max_in_flight: int = 64
     worker_metrics_port: int | None = None
+    escrow_approval_above: int = 1_000 * 10**18
+    escrow_dispute_extension_s: int = 30 * 86_400
+    escrow_fee_bps: int = 250
+    escrow_sweep_interval_s: float = 30.0
+    bls_verifier: str = "milagro"
 
     @property
     def deployment_path(self) -> Path:
@@ -95,6 +100,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if lowered in {"0", "false", "no", "off"}:
         return False
     raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name) or default
+    if raw not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
 
 
 def _opt(env: Mapping[str, str], name: str) -> str | None:
@@ -143,4 +155,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sender_bump_after_s=_float(source, "TRACE_SENDER_BUMP_AFTER_S", 30.0, 86_400.0),
         sender_max_in_flight=_int(source, "TRACE_SENDER_MAX_IN_FLIGHT", 64, 1, 10_000),
         worker_metrics_port=_int(source, "TRACE_WORKER_METRICS_PORT", 0, 0, 65535) or None,
+        escrow_approval_above=_int(source, "TRACE_ESCROW_APPROVAL_ABOVE", 1_000 * 10**18, 0, 2**256 - 1),
+        escrow_dispute_extension_s=_int(
+            source, "TRACE_ESCROW_DISPUTE_EXTENSION_S", 30 * 86_400, 60, 5 * 365 * 86_400
+        ),
+        escrow_fee_bps=_int(source, "TRACE_ESCROW_FEE_BPS", 250, 0, 10_000),
+        escrow_sweep_interval_s=_float(source, "TRACE_ESCROW_SWEEP_INTERVAL_S", 30.0, 86_400.0),
+        bls_verifier=_choice(source, "TRACE_BLS_VERIFIER", "milagro", ("milagro", "py_ecc")),
     )

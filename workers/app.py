@@ -76,7 +76,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         },
         "escrow-deadlines": {
             "task": TASK_ESCROW_SWEEP,
-            "schedule": timedelta(seconds=30),
+            "schedule": timedelta(seconds=settings.escrow_sweep_interval_s),
             "options": {"expires": 30},
         },
         "expire-holds": {

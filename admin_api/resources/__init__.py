@@ -14,10 +14,12 @@ from webargs import core
 from webargs.flaskparser import FlaskParser, abort, is_json_request
 
 from admin_api.metrics import ApiMetrics
+from contracts.deployment import Deployment, DeploymentError
 from ledger import jsonsafe
-from ledger.errors import InvalidInput
+from ledger.errors import InvalidInput, LedgerError
 from ledger.money import parse_amount
 from ledger.posting import Poster, PostingQueue
+from ledger.settings import Settings
 
 EXTENSION_KEY = "tracechain"
 PAGE_MAX = 500
@@ -36,7 +38,22 @@ class LedgerState:
     queue: PostingQueue
     metrics: ApiMetrics
     owns_engine: bool
+    settings: Settings = field(default_factory=Settings)
     closed: bool = field(default=False)
+    _deployment: Deployment | None = field(default=None, repr=False)
+
+    def deployment(self) -> Deployment:
+        """The platform's contracts (the deployment record every process reads); 503 until
+        `tracechain deploy` has written it."""
+        if self._deployment is None:
+            path = self.settings.deployment_path
+            try:
+                self._deployment = Deployment.load(path)
+            except (OSError, DeploymentError) as exc:
+                raise ServiceUnavailable(
+                    "chain_not_deployed", f"no usable deployment record at {path} (run tracechain deploy)"
+                ) from exc
+        return self._deployment
 
     def close(self) -> None:
         """Drain and stop the posting queue; dispose the engine if the app created it."""
@@ -46,6 +63,12 @@ class LedgerState:
         self.queue.close()
         if self.owns_engine:
             self.engine.dispose()
+
+
+class ServiceUnavailable(LedgerError):
+    """A part the request needs is not set up (503)."""
+
+    status = 503
 
 
 def ledger_state() -> LedgerState:

@@ -19,6 +19,7 @@ from ledger.accounts import Created
 from ledger.errors import Conflict, InvalidInput, NotFound
 from ledger.escrow import service
 from ledger.escrow.states import check_move
+from ledger.history import statement
 from ledger.money import UINT256_LIMIT
 
 PARTIES: Final = ("buyer", "seller", "staff")
@@ -262,3 +263,41 @@ def approve(conn: sa.Connection, resolution_id: int, actor: str) -> tuple[Resolu
         {"a": actor, "id": resolution_id},
     )
     return get_resolution(conn, resolution_id), "created"
+
+
+def full_history(conn: sa.Connection, escrow_id: str, ledger_lines: int = 500) -> dict[str, Any]:
+    """Everything that happened to an escrow: its moves, attestations, disputes and resolutions,
+    the chain actions taken for it and the ledger lines of its account."""
+    escrow = service.get_escrow(conn, escrow_id)
+    attestations = conn.execute(
+        sa.text(
+            "SELECT attestor_id, received_at FROM escrow_attestations WHERE escrow_id = :e"
+            " ORDER BY received_at"
+        ),
+        {"e": escrow_id},
+    ).all()
+    chain_txs = conn.execute(
+        sa.text(
+            "SELECT key, action, status, nonce, tx_hash, block_number, error, created_at, updated_at"
+            " FROM chain_outbox WHERE metadata->>'escrow_id' = :e ORDER BY id"
+        ),
+        {"e": escrow_id},
+    ).mappings()
+    return {
+        "escrow": escrow.as_dict(),
+        "moves": [{**move, "at": move["at"].isoformat()} for move in service.history(conn, escrow_id)],
+        "attestations": [
+            {"attestor_id": r.attestor_id, "received_at": r.received_at.isoformat()} for r in attestations
+        ],
+        "disputes": [d.as_dict() for d in disputes_of(conn, escrow_id)],
+        "resolutions": [r.as_dict() for r in resolutions_of(conn, escrow_id)],
+        "chain_txs": [
+            {
+                **{k: v for k, v in tx.items() if k not in ("created_at", "updated_at")},
+                "created_at": tx["created_at"].isoformat(),
+                "updated_at": tx["updated_at"].isoformat(),
+            }
+            for tx in chain_txs
+        ],
+        "ledger": statement(conn, service.escrow_account(escrow_id), limit=ledger_lines),
+    }

@@ -1,0 +1,353 @@
+"""Escrows end to end, as the product runs: the admin API (staff and signed party requests), real
+`tracechain worker`, `tracechain sender` and `tracechain beat` processes on Redis, PostgreSQL,
+and anvil mining a block a second. Each flow ends with the books matching the chain: every
+custody mirror equal to balanceOf, the clearing account empty, no hold open, the ledger balanced.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+import sqlalchemy as sa
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from flask.testing import FlaskClient
+from web3 import Web3
+
+from admin_api.app import close_app, create_app
+from admin_api.auth import create_api_key
+from contracts.anvil import AnvilNode, start_anvil
+from contracts.bindings import contract_at, transact
+from contracts.deploy import deploy_platform
+from contracts.deployment import Deployment
+from ledger import custody, db
+from ledger.accounts import get_account
+from ledger.escrow import attestation, party, service
+from ledger.settings import load_settings
+from tests.books import assert_books_balance
+from tests.conftest import APP_ROLE, Databases
+
+BIN = Path(sys.executable).parent
+TRACE = 10**18
+APPROVAL_ABOVE = 50 * TRACE
+ATTESTORS = {n: attestation.generate_attestor(n.encode().ljust(32, b"#")) for n in ("carrier", "customs")}
+WAIT_S = 90.0
+
+
+def _own_redis_db(url: str) -> str:
+    """The test Redis server, on a database of this module's own (its queues meet no other test's)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return url  # an embedded server of this test worker's own
+    return urlunsplit(parts._replace(path="/12"))
+
+
+class Platform:
+    """The deployed contracts, the running processes, the API and the parties."""
+
+    def __init__(
+        self,
+        anvil: AnvilNode,
+        deployment: Deployment,
+        engine: sa.Engine,
+        client: FlaskClient,
+        keys: dict[str, str],
+        attestor_ids: list[int],
+    ) -> None:
+        self.anvil = anvil
+        self.w3 = Web3(Web3.HTTPProvider(anvil.url))
+        self.deployment = deployment
+        self.engine = engine
+        self.client = client
+        self.keys = keys
+        self.attestor_ids = attestor_ids
+        accounts = anvil.accounts
+        self.deployer, self.signer, self.fees = accounts[0], accounts[1], accounts[2]
+        self.buyer, self.seller, self.other = accounts[3], accounts[4], accounts[5]
+        self.token = contract_at(self.w3, "TraceToken", deployment.token)
+        self.escrow_contract = contract_at(self.w3, "TraceEscrow", deployment.escrow)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.env: dict[str, str] = {}
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def start(self, name: str, *args: str) -> None:
+        self.processes[name] = subprocess.Popen(
+            [str(BIN / "tracechain"), *args],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        process = self.processes.pop(name)
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    # -- the API -----------------------------------------------------------------------------
+
+    def post(self, path: str, body: Any = None, role: str | None = "finance", expect: int = 201) -> Any:
+        headers = {} if role is None else {"Authorization": f"Bearer {self.keys[role]}"}
+        response = self.client.post(path, json=body, headers=headers)
+        assert response.status_code == expect, response.get_json()
+        return response.get_json()
+
+    def get(self, path: str) -> Any:
+        response = self.client.get(path, headers={"Authorization": f"Bearer {self.keys['auditor']}"})
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()
+
+    def escrow(self, escrow_id: str) -> dict[str, Any]:
+        return dict(self.get(f"/escrows/{escrow_id}"))
+
+    # -- chain -------------------------------------------------------------------------------
+
+    def chain_now(self) -> datetime:
+        return datetime.fromtimestamp(int(self.w3.eth.get_block("latest")["timestamp"]), UTC)
+
+    def send(self, account: LocalAccount, call: dict[str, Any]) -> None:
+        """Send one of the API's funding calls from ``account`` and wait for its receipt."""
+        tx = {
+            "to": Web3.to_checksum_address(call["to"]),
+            "data": call["data"],
+            "from": account.address,
+            "nonce": self.w3.eth.get_transaction_count(account.address, "pending"),
+            "gas": 300_000,
+            "chainId": self.deployment.chain_id,
+            "maxFeePerGas": 10**10,
+            "maxPriorityFeePerGas": 10**9,
+        }
+        tx_hash = self.w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
+        receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)
+        assert receipt["status"] == 1
+
+    def fund(self, created: dict[str, Any]) -> None:
+        self.send(self.buyer, created["funding"]["approve"])
+        self.send(self.buyer, created["funding"]["fund"])
+
+    def balance_of(self, account: LocalAccount | str) -> int:
+        address = account if isinstance(account, str) else account.address
+        return int(self.token.functions.balanceOf(Web3.to_checksum_address(address)).call())
+
+    # -- waiting and checking ------------------------------------------------------------------
+
+    def wait_for(self, what: str, check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            if check():
+                return
+            for name, process in self.processes.items():
+                assert process.poll() is None, f"{name} exited with {process.returncode}"
+            time.sleep(0.25)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def open_chain_actions(self) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.text("SELECT count(*) FROM chain_outbox WHERE status NOT IN ('confirmed', 'failed')")
+                ).scalar_one()
+            )
+
+    def settle(self, escrow_id: str, status: str) -> dict[str, Any]:
+        """Wait until the escrow is ``status`` with no chain action open; return it."""
+        self.wait_for(
+            f"escrow {escrow_id} {status}",
+            lambda: self.escrow(escrow_id)["status"] == status and self.open_chain_actions() == 0,
+        )
+        return self.escrow(escrow_id)
+
+    def ledger_balance(self, code: str) -> int:
+        with self.engine.connect() as conn:
+            return get_account(conn, code).balance
+
+    def assert_books_follow_the_chain(self) -> None:
+        """Mirrors equal balanceOf once the indexer caught up; clearing empty; no hold open."""
+
+        def mirrors_match() -> bool:
+            return all(
+                self.ledger_balance(custody.mirror_code(self.deployment.chain_id, address))
+                == self.balance_of(address)
+                for address in self.deployment.custody
+            )
+
+        self.wait_for("the custody mirrors to reach the chain's balances", mirrors_match)
+        assert self.ledger_balance(custody.clearing_code(self.deployment.chain_id)) == 0
+        with self.engine.connect() as conn:
+            open_holds = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM ledger_accounts WHERE debits_pending <> 0 OR credits_pending <> 0"
+                )
+            ).scalar_one()
+        assert open_holds == 0
+        assert_books_balance(self.engine)
+
+    # -- escrows ------------------------------------------------------------------------------
+
+    def create(
+        self,
+        key: str,
+        amount: int,
+        *,
+        deadline_s: int = 3600,
+        auto_release: bool = True,
+        deadline: datetime | None = None,
+        expect: int = 201,
+    ) -> Any:
+        if deadline is None:
+            deadline = (self.chain_now() + timedelta(seconds=deadline_s)).replace(microsecond=0)
+        return self.post(
+            "/escrows",
+            {
+                "key": key,
+                "buyer": self.buyer.address,
+                "seller": self.seller.address,
+                "amount": str(amount),
+                "fee_bps": 250,
+                "deadline": deadline.isoformat(),
+                "delivery_ref": f"BOL-{key}",
+                "attestors": self.attestor_ids,
+                "threshold": 2,
+                "auto_release": auto_release,
+            },
+            role="operator",
+            expect=expect,
+        )
+
+    def attest(self, escrow: dict[str, Any], expect: int = 201) -> list[Any]:
+        message = attestation.delivery_message(
+            escrow["chain_id"],
+            escrow["contract"],
+            escrow["id"],
+            escrow["delivery_ref"],
+            int(escrow["amount"]),
+        )
+        outcomes = []
+        for attestor_id, (secret, _, _) in zip(self.attestor_ids, ATTESTORS.values(), strict=True):
+            signature = "0x" + attestation.sign_delivery(secret, message).hex()
+            outcomes.append(
+                self.post(
+                    f"/escrows/{escrow['id']}/attestations",
+                    {"attestor_id": attestor_id, "signature": signature},
+                    role=None,
+                    expect=expect,
+                )
+            )
+        return outcomes
+
+
+@pytest.fixture(scope="module")
+def platform(
+    databases: Databases, template_db: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Platform]:
+    work = tmp_path_factory.mktemp("escrow-e2e")
+    broker = _own_redis_db(redis_url)
+    redis.Redis.from_url(broker).flushdb()
+    database_url = databases.url(databases.create(template=template_db))
+    engine = db.make_engine(database_url, role=APP_ROLE, pool_size=4)
+    with start_anvil(block_time_s=1.0) as anvil:
+        w3 = Web3(Web3.HTTPProvider(anvil.url))
+        deployer, signer, fees, buyer = anvil.accounts[:4]
+        deployment = deploy_platform(w3, deployer, signer=signer.address, fee_wallet=fees.address)
+        deployment_file = work / "deployment.json"
+        deployment.save(deployment_file)
+        token = contract_at(w3, "TraceToken", deployment.token)
+        transact(w3, token.functions.mint(buyer.address, 10_000 * TRACE), signer)
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("TRACE_")},
+            "TRACE_DATABASE_URL": database_url,
+            "TRACE_REDIS_URL": broker,
+            "TRACE_RPC_URL": anvil.url,
+            "TRACE_DATA_DIR": str(work),
+            "TRACE_DEPLOYMENT_FILE": str(deployment_file),
+            "TRACE_SIGNER_KEY": anvil.private_keys[1],
+            "TRACE_CONFIRMATIONS": "1",
+            "TRACE_INDEXER_INTERVAL_S": "0.5",
+            "TRACE_SENDER_INTERVAL_S": "0.5",
+            "TRACE_ESCROW_SWEEP_INTERVAL_S": "1",
+            "TRACE_ESCROW_APPROVAL_ABOVE": str(APPROVAL_ABOVE),
+            "TRACE_ESCROW_DISPUTE_EXTENSION_S": str(7 * 86_400),
+            "TRACE_LOG_LEVEL": "WARNING",
+        }
+        settings = load_settings(env)
+        app = create_app(settings, engine=engine)
+        with engine.begin() as conn:
+            keys = {
+                "operator": create_api_key(conn, "operator", "e2e operator"),
+                "finance": create_api_key(conn, "finance", "e2e finance"),
+                "finance2": create_api_key(conn, "finance", "e2e second finance"),
+                "auditor": create_api_key(conn, "auditor", "e2e auditor"),
+            }
+        world = Platform(anvil, deployment, engine, app.test_client(), keys, [])
+        world.env = env
+        for name, (_, pubkey, pop) in ATTESTORS.items():
+            registered = world.post(
+                "/attestors",
+                {"name": name, "pubkey": "0x" + pubkey.hex(), "proof_of_possession": "0x" + pop.hex()},
+            )
+            world.attestor_ids.append(registered["id"])
+        world.start("worker", "worker", "--concurrency", "2")
+        world.start("sender", "sender")
+        world.start("beat", "beat", "--schedule-file", str(work / "beat-schedule"))
+        try:
+            yield world
+        finally:
+            for name in list(world.processes):
+                world.kill(name, signal.SIGTERM)
+            close_app(app)
+            engine.dispose()
+            redis.Redis.from_url(broker).flushdb()
+
+
+def test_fund_attest_release_through_the_workers(platform: Platform) -> None:
+    seller_before, fees_before = platform.balance_of(platform.seller), platform.balance_of(platform.fees)
+    created = platform.create("e2e-release", 200 * TRACE)
+    escrow = created["escrow"]
+    assert escrow["status"] == "awaiting_funding"
+    # The same creation again is the same escrow.
+    deadline = datetime.fromisoformat(escrow["deadline"])
+    again = platform.create("e2e-release", 200 * TRACE, deadline=deadline, expect=200)
+    assert again["escrow"]["id"] == escrow["id"]
+    platform.fund(created)
+    platform.wait_for("funding", lambda: platform.escrow(escrow["id"])["status"] == "funded")
+    first, second = platform.attest(escrow)
+    assert (first["escrow_status"], second["escrow_status"]) == ("funded", "releasing")
+    # An attestation arriving twice is recognised and changes nothing.
+    again = platform.attest(escrow, expect=200)
+    assert {a["status"] for a in again} == {"exists"}
+    final = platform.settle(escrow["id"], "released")
+    assert (final["released_amount"], final["fee_amount"], final["remaining"]) == (
+        str(195 * TRACE),
+        str(5 * TRACE),
+        "0",
+    )
+    assert platform.balance_of(platform.seller) - seller_before == 195 * TRACE
+    assert platform.balance_of(platform.fees) - fees_before == 5 * TRACE
+    history = platform.get(f"/escrows/{escrow['id']}/history")
+    assert [m["to_status"] for m in history["moves"]] == [
+        "awaiting_funding",
+        "funded",
+        "delivery_confirmed",
+        "releasing",
+        "released",
+    ]
+    assert [(tx["action"], tx["status"]) for tx in history["chain_txs"]] == [("escrow.release", "confirmed")]
+    assert history["ledger"]["lines"], history["ledger"]
+    platform.assert_books_follow_the_chain()
