@@ -28,7 +28,7 @@ from admin_api.resources import (
     ledger_state,
     page_limit,
 )
-from ledger import audit
+from ledger import audit, custody
 from ledger.audit import Actor, AuditRecord
 from ledger.errors import Conflict, InvalidInput
 from ledger.escrow import attestation, disputes, party, service
@@ -216,6 +216,7 @@ class ResolutionSchema(ma.Schema):
 
 
 class SignedCreateSchema(StrictSchema):
+    buyer = ma.fields.String(required=True, metadata={"description": "The buyer's address: the signer"})
     request = ma.fields.Dict(
         required=True,
         metadata={
@@ -416,7 +417,8 @@ def create_escrow(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
 @blp.alt_response(200, schema=CreatedEscrowSchema, description="The same signed request again")
 def create_escrow_signed(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """A buyer creates an escrow with an EIP-712 `CreateEscrow` signature of their wallet (no API
-    key). The fee must be the platform's (`TRACE_ESCROW_FEE_BPS`). The same signed request again
+    key); `buyer` names the wallet, and a signature by any other key (or over other terms) is
+    400. The fee must be the platform's (`TRACE_ESCROW_FEE_BPS`). The same signed request again
     answers 200 with the same escrow; its nonce with any other request is 409 `nonce_replayed`;
     an expired request, a bad signature or bad fields are 400.
     """
@@ -443,7 +445,14 @@ def create_escrow_signed(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
     if request.fee_bps != state.settings.escrow_fee_bps:
         raise InvalidInput(f"feeBps must be the platform's fee, {state.settings.escrow_fee_bps}")
     now = datetime.now(UTC)
-    buyer = party.recover_signer(request, body["signature"], deployment.chain_id, deployment.escrow, now)
+    buyer = party.require_signer(
+        request,
+        body["signature"],
+        deployment.chain_id,
+        deployment.escrow,
+        custody.check_address(body["buyer"]),
+        now,
+    )
     new = service.NewEscrow(
         key=f"party:{buyer}:{request.key}",
         chain_id=deployment.chain_id,

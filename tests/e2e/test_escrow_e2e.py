@@ -21,7 +21,6 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis
 import sqlalchemy as sa
-from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from flask.testing import FlaskClient
 from web3 import Web3
@@ -34,7 +33,7 @@ from contracts.deploy import deploy_platform
 from contracts.deployment import Deployment
 from ledger import custody, db
 from ledger.accounts import get_account
-from ledger.escrow import attestation, party, service
+from ledger.escrow import attestation, party
 from ledger.settings import load_settings
 from tests.books import assert_books_balance
 from tests.conftest import APP_ROLE, Databases
@@ -350,4 +349,254 @@ def test_fund_attest_release_through_the_workers(platform: Platform) -> None:
     ]
     assert [(tx["action"], tx["status"]) for tx in history["chain_txs"]] == [("escrow.release", "confirmed")]
     assert history["ledger"]["lines"], history["ledger"]
+    platform.assert_books_follow_the_chain()
+
+
+def _signed_create(platform: Platform, key: str, amount: int, nonce: int, **overrides: Any) -> dict[str, Any]:
+    deadline = int((platform.chain_now() + timedelta(hours=1)).timestamp())
+    fields: dict[str, Any] = {
+        "key": key,
+        "seller": platform.seller.address.lower(),
+        "amount": amount,
+        "fee_bps": 250,
+        "deadline": deadline,
+        "delivery_ref": f"BOL-{key}",
+        "attestors": tuple(platform.attestor_ids),
+        "threshold": 2,
+        "auto_release": False,
+        "nonce": nonce,
+        "expiry": int(time.time()) + 600,
+        **overrides,
+    }
+    request = party.CreateEscrowRequest(**fields)
+    chain_id, contract = platform.deployment.chain_id, platform.deployment.escrow
+    signature = party.sign(request, platform.buyer.key, chain_id, contract)
+    message = request.typed_data(chain_id, contract)["message"]
+    return {
+        "buyer": platform.buyer.address,
+        "request": {**message, "amount": str(amount)},
+        "signature": signature,
+    }
+
+
+def test_a_buyer_s_signed_escrow_released_in_milestones(platform: Platform) -> None:
+    seller_before = platform.balance_of(platform.seller)
+    body = _signed_create(platform, "po-ms-1", 100 * TRACE, nonce=1)
+    created = platform.post("/party/escrows", body, role=None)
+    escrow = created["escrow"]
+    assert (escrow["buyer"], escrow["auto_release"]) == (platform.buyer.address.lower(), False)
+    # The same signed request again is the same escrow; its nonce on another request is a replay.
+    assert platform.post("/party/escrows", body, role=None, expect=200)["escrow"]["id"] == escrow["id"]
+    replay = _signed_create(platform, "po-ms-2", 100 * TRACE, nonce=1)
+    assert platform.post("/party/escrows", replay, role=None, expect=409)["type"].endswith("nonce_replayed")
+    # A signature over other terms than those sent is refused, as is another wallet's.
+    forged = {**body, "request": {**body["request"], "amount": str(101 * TRACE)}}
+    assert "not signed by" in platform.post("/party/escrows", forged, role=None, expect=400)["detail"]
+    posing = {**body, "buyer": platform.other.address}
+    assert "not signed by" in platform.post("/party/escrows", posing, role=None, expect=400)["detail"]
+    platform.fund(created)
+    platform.wait_for("funding", lambda: platform.escrow(escrow["id"])["status"] == "funded")
+    platform.attest(escrow)
+    assert platform.escrow(escrow["id"])["status"] == "delivery_confirmed"
+    # First milestone: 40; the fee (2.5 %, rounded up) is charged on it.
+    platform.post(f"/escrows/{escrow['id']}/releases", {"amount": str(40 * TRACE)}, expect=202)
+    first = platform.settle(escrow["id"], "delivery_confirmed")
+    assert (first["released_amount"], first["fee_amount"], first["remaining"]) == (
+        str(39 * TRACE),
+        str(TRACE),
+        str(60 * TRACE),
+    )
+    # More than remains is refused and writes nothing; the rest goes out next.
+    platform.post(f"/escrows/{escrow['id']}/releases", {"amount": str(61 * TRACE)}, expect=400)
+    platform.post(f"/escrows/{escrow['id']}/releases", {}, expect=202)
+    final = platform.settle(escrow["id"], "released")
+    assert (final["released_amount"], final["fee_amount"], final["remaining"]) == (
+        str(97 * TRACE + TRACE // 2),
+        str(2 * TRACE + TRACE // 2),
+        "0",
+    )
+    assert platform.balance_of(platform.seller) - seller_before == 97 * TRACE + TRACE // 2
+    platform.assert_books_follow_the_chain()
+
+
+def test_the_deadline_refunds_an_unconfirmed_escrow(platform: Platform) -> None:
+    buyer_before = platform.balance_of(platform.buyer)
+    # The deadline counts in wall-clock time for the sweep and chain time for the contract.
+    deadline = max(platform.chain_now(), datetime.now(UTC)) + timedelta(seconds=12)
+    created = platform.create("e2e-deadline", 30 * TRACE, deadline=deadline.replace(microsecond=0))
+    platform.fund(created)
+    escrow_id = created["escrow"]["id"]
+    final = platform.settle(escrow_id, "refunded")
+    assert (final["refunded_amount"], final["remaining"]) == (str(30 * TRACE), "0")
+    assert platform.balance_of(platform.buyer) == buyer_before
+    moves = [m["to_status"] for m in platform.get(f"/escrows/{escrow_id}/history")["moves"]]
+    assert moves == ["awaiting_funding", "funded", "expired", "refunding", "refunded"]
+    platform.assert_books_follow_the_chain()
+
+
+def _signed_dispute(platform: Platform, escrow_id: str, signer: LocalAccount, nonce: int) -> dict[str, Any]:
+    request = party.OpenDisputeRequest(
+        escrow_id=escrow_id, reason="the goods arrived damaged", nonce=nonce, expiry=int(time.time()) + 600
+    )
+    chain_id, contract = platform.deployment.chain_id, platform.deployment.escrow
+    signature = party.sign(request, signer.key, chain_id, contract)
+    return {"request": request.typed_data(chain_id, contract)["message"], "signature": signature}
+
+
+def test_a_dispute_freezes_the_escrow_and_a_split_needs_a_second_approval(platform: Platform) -> None:
+    seller_before, buyer_before = platform.balance_of(platform.seller), platform.balance_of(platform.buyer)
+    fees_before = platform.balance_of(platform.fees)
+    created = platform.create("e2e-dispute", 100 * TRACE)
+    escrow = created["escrow"]
+    platform.fund(created)
+    platform.wait_for("funding", lambda: platform.escrow(escrow["id"])["status"] == "funded")
+    # Someone who is not a party cannot open a dispute; the seller can, with a signature.
+    stranger = _signed_dispute(platform, escrow["id"], platform.other, nonce=7)
+    platform.post(f"/party/escrows/{escrow['id']}/dispute", stranger, role=None, expect=400)
+    dispute = platform.post(
+        f"/party/escrows/{escrow['id']}/dispute",
+        _signed_dispute(platform, escrow["id"], platform.seller, 7),
+        role=None,
+    )
+    assert (dispute["party"], platform.escrow(escrow["id"])["status"]) == ("seller", "disputed")
+    # The chain freezes it too: the arbiter pushes the deadline out a week.
+    on_chain_before = datetime.fromisoformat(escrow["deadline"])
+
+    def frozen() -> bool:
+        return datetime.fromisoformat(platform.escrow(escrow["id"])["deadline"]) > on_chain_before
+
+    platform.wait_for("the deadline extension", frozen)
+    on_chain = platform.escrow_contract.functions.getEscrow(bytes.fromhex(escrow["id"][2:])).call()
+    frozen_until = datetime.fromisoformat(platform.escrow(escrow["id"])["deadline"])
+    assert on_chain[-1] == int(frozen_until.timestamp())  # Escrow.deadline, the struct's last field
+    assert frozen_until >= on_chain_before + timedelta(days=7)
+    # Attestations are refused while it is disputed.
+    platform.attest(escrow, expect=409)
+    # A split that does not add up to what the escrow holds is refused.
+    bad = {"seller_amount": str(60 * TRACE), "buyer_amount": str(30 * TRACE), "fee": "0"}
+    platform.post(f"/escrows/{escrow['id']}/resolution", bad, expect=400)
+    split = {"seller_amount": str(60 * TRACE), "buyer_amount": str(38 * TRACE), "fee": str(2 * TRACE)}
+    resolution = platform.post(f"/escrows/{escrow['id']}/resolution", split)
+    assert (resolution["status"], resolution["needs_approval"]) == ("awaiting_approval", True)
+    # Four eyes: the finance user who decided cannot approve; another can.
+    refused = platform.post(f"/resolutions/{resolution['id']}/approve", role="finance", expect=409)
+    assert refused["type"].endswith("four_eyes")
+    approved = platform.post(f"/resolutions/{resolution['id']}/approve", role="finance2", expect=200)
+    assert approved["status"] == "executing"
+    final = platform.settle(escrow["id"], "resolved")
+    assert (final["released_amount"], final["refunded_amount"], final["fee_amount"]) == (
+        str(60 * TRACE),
+        str(38 * TRACE),
+        str(2 * TRACE),
+    )
+    assert platform.balance_of(platform.seller) - seller_before == 60 * TRACE
+    assert platform.balance_of(platform.buyer) - buyer_before == 38 * TRACE - 100 * TRACE
+    assert platform.balance_of(platform.fees) - fees_before == 2 * TRACE
+    history = platform.get(f"/escrows/{escrow['id']}/history")
+    assert [d["closed_at"] is not None for d in history["disputes"]] == [True]
+    assert [r["status"] for r in history["resolutions"]] == ["executed"]
+    assert sorted(tx["action"] for tx in history["chain_txs"]) == [
+        "escrow.extend_deadline",
+        "escrow.refund",
+        "escrow.release",
+    ]
+    platform.assert_books_follow_the_chain()
+
+
+def test_two_requests_race_the_same_release_and_one_wins(platform: Platform) -> None:
+    created = platform.create("e2e-race", 10 * TRACE, auto_release=False)
+    escrow = created["escrow"]
+    platform.fund(created)
+    platform.wait_for("funding", lambda: platform.escrow(escrow["id"])["status"] == "funded")
+    platform.attest(escrow)
+    statuses: list[int] = []
+    gate = threading.Barrier(4)
+
+    def release() -> None:
+        client = platform.client.application.test_client()
+        gate.wait()
+        response = client.post(
+            f"/escrows/{escrow['id']}/releases",
+            json={},
+            headers={"Authorization": f"Bearer {platform.keys['finance']}"},
+        )
+        statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=release) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [202, 409, 409, 409]
+    final = platform.settle(escrow["id"], "released")
+    assert final["released_amount"] == str(10 * TRACE - TRACE // 4)
+    with platform.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT count(*) FROM chain_outbox WHERE metadata->>'escrow_id' = :e"),
+            {"e": escrow["id"]},
+        ).scalar_one()
+    assert rows == 1
+    platform.assert_books_follow_the_chain()
+
+
+def test_the_sender_killed_mid_release_pays_once(platform: Platform) -> None:
+    seller_before = platform.balance_of(platform.seller)
+    created = platform.create("e2e-crash", 20 * TRACE)
+    escrow = created["escrow"]
+    platform.fund(created)
+    platform.wait_for("funding", lambda: platform.escrow(escrow["id"])["status"] == "funded")
+    platform.kill("sender")
+    platform.attest(escrow)
+    assert platform.escrow(escrow["id"])["status"] == "releasing"
+    # One pass signs and broadcasts; the process is gone before the receipt is confirmed.
+    pass_once = subprocess.run(
+        [str(BIN / "tracechain"), "send", "--once"],
+        check=False,
+        env=platform.env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert pass_once.returncode == 0, pass_once.stderr.decode()
+    with platform.engine.connect() as conn:
+        status = conn.execute(
+            sa.text("SELECT status FROM chain_outbox WHERE metadata->>'escrow_id' = :e"), {"e": escrow["id"]}
+        ).scalar_one()
+    assert status in ("sent", "confirmed")
+    sender = subprocess.Popen(
+        [str(BIN / "tracechain"), "sender"],
+        env=platform.env,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    time.sleep(0.5)
+    os.killpg(sender.pid, signal.SIGKILL)  # a second death, wherever it was
+    sender.wait()
+    platform.start("sender", "sender")
+    final = platform.settle(escrow["id"], "released")
+    assert final["released_amount"] == str(20 * TRACE - TRACE // 2)
+    assert platform.balance_of(platform.seller) - seller_before == 20 * TRACE - TRACE // 2
+    platform.assert_books_follow_the_chain()
+
+
+def test_the_buyer_s_own_refund_after_deadline_and_grace_is_followed(platform: Platform) -> None:
+    """Last in the module: it moves the chain's clock days ahead."""
+    buyer_before = platform.balance_of(platform.buyer)
+    created = platform.create("e2e-own-refund", 15 * TRACE, deadline_s=600)
+    escrow = created["escrow"]
+    platform.fund(created)
+    platform.wait_for("funding", lambda: platform.escrow(escrow["id"])["status"] == "funded")
+    grace = int(platform.escrow_contract.functions.graceSeconds().call())
+    platform.anvil.rpc("evm_increaseTime", [600 + grace + 1])
+    platform.anvil.mine(1)
+    transact(
+        platform.w3,
+        platform.escrow_contract.functions.refund(bytes.fromhex(escrow["id"][2:]), 15 * TRACE),
+        platform.buyer,
+    )
+    final = platform.settle(escrow["id"], "refunded")
+    assert (final["refunded_amount"], final["remaining"]) == (str(15 * TRACE), "0")
+    assert platform.balance_of(platform.buyer) == buyer_before
+    with platform.engine.connect() as conn:
+        kinds = conn.execute(sa.text("SELECT kind FROM finance_exceptions")).scalars().all()
+    assert "unexplained_transfer" not in kinds
     platform.assert_books_follow_the_chain()
