@@ -34,6 +34,7 @@ _SUBCOMMANDS = {
     "sender": "admin_api.cli.chainops:sender",
     "beat": "admin_api.cli.chainops:beat",
     "deploy": "admin_api.cli.chainops:deploy",
+    "escrow": "admin_api.cli.escrows:escrow",
 }
 _OPTIONAL = frozenset({"bench"})
 
