@@ -6,7 +6,7 @@ Revises:
 
 from __future__ import annotations
 
-from alembic import context, op
+from ledger.migrations import apply
 
 revision = "0001_ledger"
 down_revision = None
@@ -421,12 +421,7 @@ END $$;
 
 
 def upgrade() -> None:
-    role = context.config.attributes.get("app_role", "tracechain_app")
-    if not role.replace("_", "").isalnum():
-        raise ValueError(f"unusable application role name {role!r}")
-    op.execute(SCHEMA)
-    op.execute(FUNCTIONS)
-    op.execute(_grants(role))
+    apply(SCHEMA, FUNCTIONS, grants=_grants)
 
 
 def downgrade() -> None:

@@ -6,7 +6,7 @@ Revises: 0002_chain
 
 from __future__ import annotations
 
-from alembic import context, op
+from ledger.migrations import apply
 
 revision = "0003_escrow"
 down_revision = "0002_chain"
@@ -127,11 +127,7 @@ GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}";
 
 
 def upgrade() -> None:
-    role = context.config.attributes.get("app_role", "tracechain_app")
-    if not role.replace("_", "").isalnum():
-        raise ValueError(f"unusable application role name {role!r}")
-    op.execute(SCHEMA)
-    op.execute(_grants(role))
+    apply(SCHEMA, grants=_grants)
 
 
 def downgrade() -> None:
