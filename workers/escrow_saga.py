@@ -249,10 +249,12 @@ def sweep(engine: sa.Engine, deployment: Deployment, now: datetime | None = None
     for escrow in overdue:
         with unit_of_work(engine) as work:
             current = service.get_escrow(work.conn, escrow.id, for_update=True)
-            if current.status not in ("awaiting_funding", "funded") or current.deadline >= moment:
+            if current.status in ("awaiting_funding", "funded") and current.deadline < moment:
+                details = {"deadline": current.deadline.isoformat()}
+                service.move(work.conn, escrow.id, "expired", actor, details)
+                report.expired += 1
+            elif current.status != "expired":
                 continue  # moved on since it was listed
-            service.move(work.conn, escrow.id, "expired", actor, {"deadline": current.deadline.isoformat()})
-            report.expired += 1
             if current.remaining > 0:
                 _enqueue_refund(work.conn, deployment, escrow.id, actor)
                 report.refunds_started += 1

@@ -843,10 +843,13 @@ def refund_account(conn: sa.Connection, chain_id: int, contract: str, escrow_id:
 
 
 def overdue(conn: sa.Connection, now: datetime, limit: int = 500) -> list[Escrow]:
-    """Escrows whose deadline passed while still awaiting funding or funded (not confirmed)."""
+    """Escrows whose deadline passed while still awaiting funding or funded (not confirmed), and
+    expired ones that hold funds (a funding that landed after they expired)."""
     rows = conn.execute(
         sa.text(
-            _SELECT + " WHERE e.status IN ('awaiting_funding', 'funded') AND e.deadline < :now"
+            _SELECT + " WHERE (e.status IN ('awaiting_funding', 'funded') AND e.deadline < :now)"
+            " OR (e.status = 'expired'"
+            " AND e.funded_amount > e.released_amount + e.fee_amount + e.refunded_amount)"
             " ORDER BY e.deadline LIMIT :n"
         ),
         {"now": now, "n": limit},

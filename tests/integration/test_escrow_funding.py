@@ -23,6 +23,7 @@ from ledger.errors import Conflict, InvalidInput
 from ledger.escrow import attestation, service
 from tests.books import assert_books_balance
 from tests.conftest import APP_ROLE
+from workers.escrow_saga import sweep
 from workers.indexer import Indexer
 
 TRACE = 10**18
@@ -226,3 +227,35 @@ def test_attestations_one_by_one_confirm_delivery_at_the_threshold(world: World)
     # The stored aggregate verifies with the reference verifier too.
     keys = [ATTESTORS["carrier"][1], ATTESTORS["port"][1]]
     assert attestation.verifier("py_ecc").fast_aggregate_verify(keys, message, bytes(proof.release_proof))
+
+
+def test_a_funding_after_the_escrow_expired_is_refunded_by_the_sweep(world: World) -> None:
+    deadline = world.deadline(days=1)
+    escrow = world.create("late-1", 40 * TRACE, deadline)
+    # Our clock passes the deadline before the chain's does: the unfunded escrow expires.
+    after = deadline + timedelta(seconds=1)
+    first = sweep(world.engine, world.deployment, after)
+    assert (first.expired, first.refunds_started) == (1, 0)
+    # The buyer's funding still lands on chain (its clock is behind): booked, not lost.
+    world.fund(escrow.id, 40 * TRACE, deadline)
+    world.indexer().run_once()
+    late = _escrow(world, escrow.id)
+    assert (late.status, late.funded_amount) == ("expired", 40 * TRACE)
+    assert world.balance(service.escrow_account(escrow.id)) == 40 * TRACE
+    assert "escrow_funding_mismatch" in world.exceptions()
+    # The next sweep sends it back to the buyer through the refund saga, once.
+    second = sweep(world.engine, world.deployment, after)
+    assert (second.expired, second.refunds_started) == (0, 1)
+    assert _escrow(world, escrow.id).status == "refunding"
+    assert sweep(world.engine, world.deployment, after).refunds_started == 0
+    with world.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT action, metadata->>'amount' FROM chain_outbox WHERE metadata->>'escrow_id' = :e"),
+            {"e": escrow.id},
+        ).all()
+    assert [tuple(r) for r in rows] == [("escrow.refund", str(40 * TRACE))]
+
+
+def _escrow(world: World, escrow_id: str) -> service.Escrow:
+    with world.engine.connect() as conn:
+        return service.get_escrow(conn, escrow_id)
