@@ -48,8 +48,30 @@ EXPECTED_ROLES: dict[tuple[str, str], tuple[str | None, ...]] = {
     ("post", "/holds/{pending_key}/void"): ("admin", "finance", "operator"),
     ("post", "/holds/expire"): ("admin", "finance", "operator"),
     ("get", "/audit"): ("admin", "auditor"),
+    ("get", "/escrows"): ("admin", "finance", "auditor", "operator"),
+    ("get", "/escrows/{escrow_id}"): ("admin", "finance", "auditor", "operator"),
+    ("get", "/escrows/{escrow_id}/history"): ("admin", "finance", "auditor", "operator"),
+    ("get", "/attestors"): ("admin", "finance", "auditor", "operator"),
+    ("post", "/escrows"): ("admin", "finance", "operator"),
+    ("post", "/escrows/{escrow_id}/dispute"): ("admin", "finance", "operator"),
+    ("post", "/escrows/{escrow_id}/releases"): ("admin", "finance"),
+    ("post", "/escrows/{escrow_id}/resolution"): ("admin", "finance"),
+    ("post", "/resolutions/{resolution_id}/approve"): ("admin", "finance"),
+    ("post", "/attestors"): ("admin", "finance"),
+    ("post", "/attestors/{attestor_id}/revoke"): ("admin", "finance"),
+    # Signed by an attestor's BLS key or a party's wallet: the signature is the authority.
+    ("post", "/escrows/{escrow_id}/attestations"): EVERYONE,
+    ("post", "/party/escrows"): EVERYONE,
+    ("post", "/party/escrows/{escrow_id}/dispute"): EVERYONE,
 }
-PATH_VALUES = {"code": "no-such-account", "key": "no-such-entry", "pending_key": "no-such-hold"}
+PATH_VALUES = {
+    "code": "no-such-account",
+    "key": "no-such-entry",
+    "pending_key": "no-such-hold",
+    "escrow_id": "no-such-escrow",
+    "attestor_id": "999999",
+    "resolution_id": "999999",
+}
 HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
 
 
