@@ -30,7 +30,7 @@ from admin_api.resources import (
 )
 from ledger import audit, custody
 from ledger.audit import Actor, AuditRecord
-from ledger.errors import Conflict, InvalidInput
+from ledger.errors import InvalidInput
 from ledger.escrow import attestation, disputes, party, service
 from ledger.escrow.states import STATUSES
 from ledger.money import UINT256_LIMIT
@@ -606,18 +606,25 @@ def _dispute(
 ) -> tuple[dict[str, Any], int]:
     state = ledger_state()
     with state.engine.begin() as conn:
-        dispute, status = escrow_saga.open_dispute(
-            conn,
-            state.deployment(),
-            escrow_id,
-            who,
-            reason,
-            actor_name,
-            state.settings.escrow_dispute_extension_s,
-        )
+        dispute, status = _open(conn, escrow_id, who, reason, actor_name)
         if actor is not None and status == "created":
             _audit(conn, actor, "escrow.dispute", f"escrow:{escrow_id}", None, dispute.as_dict())
     return dispute.as_dict(), 201 if status == "created" else 200
+
+
+def _open(
+    conn: sa.Connection, escrow_id: str, who: str, reason: str, actor_name: str
+) -> tuple[disputes.Dispute, str]:
+    state = ledger_state()
+    return escrow_saga.open_dispute(
+        conn,
+        state.deployment(),
+        escrow_id,
+        who,
+        reason,
+        actor_name,
+        state.settings.escrow_dispute_extension_s,
+    )
 
 
 @blp.route("/party/escrows/<escrow_id>/dispute", methods=["POST"])
@@ -652,11 +659,10 @@ def open_dispute_signed(body: dict[str, Any], escrow_id: str) -> tuple[dict[str,
             raise InvalidInput("the request is not signed by the escrow's buyer or seller")
         earlier = party.use_nonce(conn, signer, request.nonce, "escrow.dispute", digest, escrow_id)
         if earlier is not None:
-            current = disputes.disputes_of(conn, escrow_id)
-            if not current:
-                raise Conflict("nonce_replayed", "this signed request was used already")
-            return current[-1].as_dict(), 200
-    return _dispute(escrow_id, roles[signer], request.reason, f"party:{signer}", None)
+            # The same signed request again: the dispute it opened (with the nonce, in one commit).
+            return disputes.disputes_of(conn, escrow_id)[-1].as_dict(), 200
+        dispute, status = _open(conn, escrow_id, roles[signer], request.reason, f"party:{signer}")
+    return dispute.as_dict(), 201 if status == "created" else 200
 
 
 @blp.route("/escrows/<escrow_id>/resolution", methods=["POST"])
