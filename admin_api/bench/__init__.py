@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from admin_api.bench.chain import indexer_bench, sender_bench
+from admin_api.bench.escrow import escrow_bench
 from admin_api.bench.ledger import ledger_bench
 
 
@@ -16,5 +17,6 @@ def bench() -> None:
 bench.add_command(ledger_bench)
 bench.add_command(indexer_bench)
 bench.add_command(sender_bench)
+bench.add_command(escrow_bench)
 
 __all__ = ["bench"]

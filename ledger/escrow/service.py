@@ -38,6 +38,23 @@ def escrow_id_for(key: str) -> str:
     return "0x" + hashlib.sha256(f"tracechain-escrow:{key}".encode()).hexdigest()
 
 
+def utc_deadline(deadline: datetime) -> datetime:
+    """``deadline`` in UTC; one that leaves the calendar once in UTC (year 1 or 9999 with an
+    offset) is bad input, not a crash."""
+    try:
+        return deadline.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise InvalidInput("deadline is outside the calendar (years 1 to 9999 in UTC)") from None
+
+
+def deadline_from_unix(seconds: int) -> datetime:
+    """A deadline given in Unix seconds (as the chain keeps it), refused when beyond the calendar."""
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, ValueError, OSError):
+        raise InvalidInput("deadline is outside the calendar (years 1 to 9999 in UTC)") from None
+
+
 @dataclass(frozen=True, slots=True)
 class NewEscrow:
     """What the creator asks for; validated when built."""
@@ -78,6 +95,7 @@ class NewEscrow:
             raise InvalidInput("deadline must be a timestamp with a time zone")
         if self.deadline.microsecond:
             raise InvalidInput("deadline must be a whole second (the chain keeps seconds)")
+        object.__setattr__(self, "deadline", utc_deadline(self.deadline))
         if not isinstance(self.delivery_ref, str) or not 1 <= len(self.delivery_ref) <= 256:
             raise InvalidInput("delivery_ref must be 1 to 256 characters")
         if not self.delivery_ref.isprintable():
