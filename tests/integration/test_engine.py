@@ -831,6 +831,49 @@ def test_a_key_committed_while_the_batch_waited_for_its_locks_is_reported_as_exi
     assert [(r.status, r.entry_id) for r in outcome["results"]] == [("exists", first[0].entry_id)]
 
 
+def test_an_account_updated_while_the_batch_waited_for_its_lock_is_still_found(books: Books) -> None:
+    """The lock query re-reads rows that a batch it waited for has changed; it must not lose them
+    (a busy account reported as unknown would refuse a valid entry)."""
+    # Enough accounts, analysed, for the planner to look accounts up by index (the plan where
+    # the re-check lost rows); a handful would be read by a sequential scan.
+    with books.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO ledger_accounts (code, asset_id, kind)"
+                " SELECT 'filler:' || g, (SELECT id FROM ledger_assets WHERE code = 'TRACE'), 'liability'"
+                " FROM generate_series(1, 5000) g"
+            )
+        )
+    with psycopg.connect(books.url, autocommit=True) as owner:
+        owner.execute("ANALYZE ledger_accounts")
+    books.deposit("seed", "alice", 100)
+    outcome: dict[str, Any] = {}
+
+    def waiting_batch() -> None:
+        try:
+            outcome["results"] = books.poster.post(
+                [NewEntry("after", (Leg("alice", "merchant", 30), Leg("bob", "fees", 1)))]
+            )
+        except Exception as exc:
+            outcome["error"] = exc
+
+    books.deposit("seed-bob", "bob", 5)
+    with books.engine.connect() as conn:
+        transaction = conn.begin()
+        first = post_batch(conn, [NewEntry("first", (Leg("bank", "alice", 10), Leg("bank", "bob", 1)))])
+        assert first[0].status == "created", first
+        thread = threading.Thread(target=waiting_batch)
+        thread.start()
+        wait_for_lock_waiters(books.url, 1)
+        transaction.commit()
+    thread.join(timeout=30)
+    assert "error" not in outcome, outcome.get("error")
+    assert [r.status for r in outcome["results"]] == ["created"], outcome["results"]
+    assert books.totals("alice") == (30, 110, 0, 0)
+    assert books.totals("bob") == (1, 6, 0, 0)
+    books.check()
+
+
 def test_a_command_postgresql_refuses_is_isolated_from_its_batch_mates(books: Books) -> None:
     # A rule only the database knows (as a later migration could add): the engine accepts the
     # command, PostgreSQL refuses the batch, and the Poster must find the one offender.
