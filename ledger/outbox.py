@@ -89,23 +89,14 @@ def enqueue(
     hold_keys = [h.key for h in holds]
     if len(set(hold_keys)) != len(hold_keys):
         raise InvalidInput("the holds of a chain action need distinct keys")
-    existing = _get(conn, action.key)
-    if existing is not None:
-        if not _same(conn, existing.id, action, hold_keys):
-            raise Conflict("idempotency_conflict", f"chain action {action.key!r} exists with other content")
-        return existing, "exists"
-    results = post_batch(conn, list(holds))
-    for hold, result in zip(holds, results, strict=True):
-        if result.status == "rejected":
-            raise LedgerError(result.code or "rejected", f"hold {hold.key!r}: {result.reason}")
-        if result.status == "exists":
-            # Booked before, for another action: one reservation must not fund two transactions.
-            raise Conflict("hold_exists", f"hold {hold.key!r} is already booked; each action books its own")
+    # The row first, the holds last: the holds lock their accounts until the caller commits,
+    # and some (fees, clearing) are hot, so nothing else of this transaction runs under those locks.
+    # A concurrent enqueue of the same key waits on the unique key, then finds the row.
     row = conn.execute(
         sa.text(
             "INSERT INTO chain_outbox (key, chain_id, signer, action, to_address, data, value, gas_limit,"
             " hold_keys, metadata) VALUES (:key, :chain_id, :signer, :action, :to, :data, :value, :gas,"
-            " :holds, CAST(:meta AS jsonb)) RETURNING id"
+            " :holds, CAST(:meta AS jsonb)) ON CONFLICT (key) DO NOTHING RETURNING id"
         ),
         {
             "key": action.key,
@@ -119,7 +110,21 @@ def enqueue(
             "holds": hold_keys,
             "meta": canonical_metadata(action.metadata),
         },
-    ).scalar_one()
+    ).scalar_one_or_none()
+    if row is None:
+        existing = _get(conn, action.key)
+        if existing is None:
+            raise RuntimeError(f"chain action {action.key!r} conflicted but cannot be read")
+        if not _same(conn, existing.id, action, hold_keys):
+            raise Conflict("idempotency_conflict", f"chain action {action.key!r} exists with other content")
+        return existing, "exists"
+    results = post_batch(conn, list(holds))
+    for hold, result in zip(holds, results, strict=True):
+        if result.status == "rejected":
+            raise LedgerError(result.code or "rejected", f"hold {hold.key!r}: {result.reason}")
+        if result.status == "exists":
+            # Booked before, for another action: one reservation must not fund two transactions.
+            raise Conflict("hold_exists", f"hold {hold.key!r} is already booked; each action books its own")
     return OutboxRow(int(row), action.key, "queued", tuple(hold_keys), None, None), "created"
 
 
@@ -230,9 +235,6 @@ def settle_many(conn: sa.Connection, settlements: Sequence[Settlement]) -> list[
             )
             for hold_key in row.hold_keys
         )
-    for command, result in zip(commands, post_batch(conn, commands), strict=True):
-        if result.status == "rejected":
-            raise LedgerError(result.code or "rejected", f"settling {command.key!r}: {result.reason}")
     if settling:
         conn.execute(
             sa.text(
@@ -252,6 +254,10 @@ def settle_many(conn: sa.Connection, settlements: Sequence[Settlement]) -> list[
                 "err": [None if s.succeeded else (s.error or "reverted") for s in settling],
             },
         )
+    # The holds last: they lock hot accounts (fees, clearing) until the commit.
+    for command, result in zip(commands, post_batch(conn, commands), strict=True):
+        if result.status == "rejected":
+            raise LedgerError(result.code or "rejected", f"settling {command.key!r}: {result.reason}")
     for settlement in settling:
         if settlement.succeeded:
             continue

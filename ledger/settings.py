@@ -56,7 +56,7 @@ class Settings:
     escrow_dispute_extension_s: int = 30 * 86_400
     escrow_fee_bps: int = 250
     escrow_sweep_interval_s: float = 30.0
-    bls_verifier: str = "milagro"
+    bls_verifier: str = "blst"
 
     @property
     def deployment_path(self) -> Path:
@@ -161,5 +161,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         escrow_fee_bps=_int(source, "TRACE_ESCROW_FEE_BPS", 250, 0, 10_000),
         escrow_sweep_interval_s=_float(source, "TRACE_ESCROW_SWEEP_INTERVAL_S", 30.0, 86_400.0),
-        bls_verifier=_choice(source, "TRACE_BLS_VERIFIER", "milagro", ("milagro", "py_ecc")),
+        bls_verifier=_choice(source, "TRACE_BLS_VERIFIER", "blst", ("blst", "milagro", "py_ecc")),
     )

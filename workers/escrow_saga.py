@@ -88,7 +88,6 @@ def enqueue_release(
     """The release saga's first step in the caller's transaction: holds, outbox row, ``releasing``."""
     plan = service.plan_release(conn, escrow_id, deployment.chain_id, amount)
     action = _release_action(deployment, plan.key, escrow_id, plan.to_seller, plan.fee)
-    row, _ = outbox.enqueue(conn, action, plan.holds)
     service.move(
         conn,
         escrow_id,
@@ -96,6 +95,8 @@ def enqueue_release(
         actor,
         {"outbox": plan.key, "to_seller": str(plan.to_seller), "fee": str(plan.fee)},
     )
+    # Last: the holds lock the hot fee and clearing accounts until the commit.
+    row, _ = outbox.enqueue(conn, action, plan.holds)
     return row
 
 

@@ -7,9 +7,10 @@ keys has signed, :func:`release_proof` aggregates the signatures and checks the 
 FastAggregateVerify. Which attestors are registered, revoked or part of an escrow's policy is the
 caller's business (the database); this module only sees the keys it is handed.
 
-Two :class:`Verifier` implementations compute the same functions: :class:`PyEccVerifier` (the
-reference, about 0.4 s per pairing) and :class:`MilagroVerifier` (Rust, about 100x faster) for
-the hot path. Both refuse malformed input the same way: ``False`` from the checks,
+Three :class:`Verifier` implementations compute the same functions: :class:`PyEccVerifier` (the
+reference, about 0.4 s per pairing), :class:`MilagroVerifier` (Rust, about 100x faster) and
+:class:`BlstVerifier` (Chia's blspy on the blst library, about three times faster again) for the
+hot path. All refuse malformed input the same way: ``False`` from the checks,
 :class:`~ledger.errors.InvalidInput` from :meth:`Verifier.aggregate`.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 import milagro_bls_binding as milagro
+from blspy import G1Element, G2Element, PopSchemeMPL
 from eth_typing import BLSPubkey, BLSSignature
 from eth_utils.exceptions import ValidationError
 from py_ecc.bls.ciphersuites import G2ProofOfPossession as PyEccPop
@@ -217,14 +219,44 @@ class MilagroVerifier(_CheckedVerifier):
         return bool(milagro.FastAggregateVerify(pubkeys, message, aggregate))
 
 
+class BlstVerifier(_CheckedVerifier):
+    """blspy's PopSchemeMPL (Chia's bindings of the blst library): the same ciphersuite and
+    domain tag as py-ecc's, the fastest of the three."""
+
+    name = "blst"
+    library_errors = (ValueError, TypeError, RuntimeError)
+
+    @staticmethod
+    def _key(pubkey: bytes) -> G1Element:
+        # KeyValidate as the standard (and py-ecc) has it: blspy takes the identity as a key.
+        if pubkey == _INFINITY_G1:
+            raise ValueError("the identity is not a public key")
+        return G1Element.from_bytes(pubkey)
+
+    def _verify(self, pubkey: bytes, message: bytes, signature: bytes) -> bool:
+        return bool(PopSchemeMPL.verify(self._key(pubkey), message, G2Element.from_bytes(signature)))
+
+    def _aggregate(self, signatures: list[bytes]) -> bytes:
+        # Unchecked, like the others: subgroup membership is the verification's business.
+        return bytes(PopSchemeMPL.aggregate([G2Element.from_bytes_unchecked(s) for s in signatures]))
+
+    def _fast_aggregate_verify(self, pubkeys: list[bytes], message: bytes, aggregate: bytes) -> bool:
+        keys = [self._key(k) for k in pubkeys]
+        return bool(PopSchemeMPL.fast_aggregate_verify(keys, message, G2Element.from_bytes(aggregate)))
+
+
+_INFINITY_G1: Final = b"\xc0" + bytes(PUBKEY_BYTES - 1)
+
 _VERIFIERS: Final[dict[str, Callable[[], Verifier]]] = {
     PyEccVerifier.name: PyEccVerifier,
     MilagroVerifier.name: MilagroVerifier,
+    BlstVerifier.name: BlstVerifier,
 }
 
 
-def verifier(name: str = "milagro") -> Verifier:
-    """The verifier called ``name``: "milagro" (fast, the default) or "py_ecc" (the reference)."""
+def verifier(name: str = "blst") -> Verifier:
+    """The verifier called ``name``: "blst" (the fastest, the default), "milagro" or "py_ecc"
+    (the reference)."""
     if name not in _VERIFIERS:
         raise InvalidInput(f"unknown verifier {name!r:.40}; choose one of {', '.join(sorted(_VERIFIERS))}")
     return _VERIFIERS[name]()
@@ -277,6 +309,8 @@ def release_proof(
     attestations: Mapping[str, tuple[bytes, bytes]],
     threshold: int,
     verifier: Verifier,
+    *,
+    verified: frozenset[str] = frozenset(),
 ) -> ReleaseProof:
     """Aggregate the attestations of ``message`` into a release proof, or raise InvalidInput.
 
@@ -286,6 +320,10 @@ def release_proof(
     ids (a key counts once, and the proof would not say whose it is); fewer than ``threshold``
     attestors; a signature that does not verify on its own (the attestor is named); an aggregate
     that fails FastAggregateVerify. Every attestation passed is part of the proof.
+
+    ``verified`` names attestors whose signature of ``message`` under that same key the caller
+    has already verified (a stored attestation, checked when it was recorded and never changed);
+    only theirs skip the individual check. The aggregate is always checked.
     """
     _check_delivery_message(message)
     if (
@@ -310,7 +348,7 @@ def release_proof(
     signers = tuple(sorted(attestations))
     for attestor in signers:
         pubkey, signature = attestations[attestor]
-        if not verifier.verify(pubkey, message, signature):
+        if attestor not in verified and not verifier.verify(pubkey, message, signature):
             raise InvalidInput(
                 f"the signature of attestor {attestor!r:.60} does not verify for this delivery"
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -328,7 +328,8 @@ def move(
         {"status": wanted, "id": escrow_id, **changes},
     )
     _history(conn, escrow_id, current.status, wanted, reason, actor, details or {})
-    return get_escrow(conn, escrow_id)
+    # The row is locked: what it now holds is what was read plus what was written.
+    return replace(current, status=wanted, **changes)
 
 
 def history(conn: sa.Connection, escrow_id: str) -> list[dict[str, Any]]:
@@ -587,13 +588,13 @@ def attest(
         ),
         {"e": escrow_id},
     ).all()
-    current = get_escrow(conn, escrow_id)
+    current = escrow  # locked since it was read; recording an attestation does not change it
     if current.status == "funded" and len(counted) >= escrow.threshold:
+        # Each stored attestation was verified when it was recorded (this one just now), and
+        # neither a key nor a signature can change since: only the aggregate is checked here.
+        signers = {f"{r.attestor_id:020d}": (bytes(r.pubkey), bytes(r.signature)) for r in counted}
         proof = attestation.release_proof(
-            message,
-            {f"{r.attestor_id:020d}": (bytes(r.pubkey), bytes(r.signature)) for r in counted},
-            escrow.threshold,
-            verifier,
+            message, signers, escrow.threshold, verifier, verified=frozenset(signers)
         )
         conn.execute(
             sa.text("UPDATE escrows SET release_proof = :p, proof_signers = :s WHERE id = :id"),
