@@ -113,7 +113,7 @@ def attest(
     the release saga starts in the same transaction (nothing to lose between the two)."""
     outcome = service.attest(conn, escrow_id, attestor_id, signature, verifier, actor)
     confirmed = outcome.status == "created" and outcome.escrow_status == "delivery_confirmed"
-    if confirmed and service.get_escrow(conn, escrow_id).auto_release:
+    if confirmed and outcome.auto_release:
         enqueue_release(conn, deployment, escrow_id, actor)
         return replace(outcome, escrow_status="releasing")
     return outcome

@@ -538,6 +538,7 @@ class AttestOutcome:
     escrow_status: str
     attestations: int
     threshold: int
+    auto_release: bool = False  # the escrow's term: its release starts once delivery is confirmed
 
 
 def attest(
@@ -603,7 +604,7 @@ def attest(
         current = move(
             conn, escrow_id, "delivery_confirmed", actor, {"signers": [int(s) for s in proof.signers]}
         )
-    return AttestOutcome(status, current.status, len(counted), escrow.threshold)
+    return AttestOutcome(status, current.status, len(counted), escrow.threshold, escrow.auto_release)
 
 
 # -- the release saga --------------------------------------------------------------------------
