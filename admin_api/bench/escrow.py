@@ -1055,7 +1055,7 @@ def run_escrow_bench(
     "--escrows", type=click.IntRange(1, 20_000), help="Escrows settled together (the measured run)."
 )
 @click.option("--sample", type=click.IntRange(1, 100), hidden=True, help="Baseline escrows.")
-@click.option("--attesters", type=click.IntRange(1, 16), hidden=True, help="Attester processes.")
+@click.option("--attesters", type=click.IntRange(1, 16), help=f"Attester processes (default {ATTESTERS}).")
 def escrow_bench(
     quick: bool, as_json: bool, escrows: int | None, sample: int | None, attesters: int | None
 ) -> None:
