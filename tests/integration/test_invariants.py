@@ -817,6 +817,58 @@ def test_an_entry_without_transfers_is_refused_at_commit(ledger: Ledger) -> None
     assert ledger.state() == before
 
 
+def test_an_entry_without_transfers_is_refused_among_whole_ones(ledger: Ledger) -> None:
+    # The commit-time check covers every entry of the statement, not only its first or last.
+    before = ledger.state()
+    with ledger.connect(app=True) as conn:
+        first = new_entry(conn, "whole-1")
+        row = transfer_row(conn, ledger.ids["bank"], ledger.ids["alice"], 1)
+        row["entry_id"], row["posted_at"] = first["id"], first["posted_at"]
+        conn.execute(_INSERT_TRANSFER, row)
+        new_entry(conn, "hollow-middle")
+        last = new_entry(conn, "whole-2")
+        row = transfer_row(conn, ledger.ids["bank"], ledger.ids["alice"], 1)
+        row["entry_id"], row["posted_at"] = last["id"], last["posted_at"]
+        conn.execute(_INSERT_TRANSFER, row)
+        with pytest.raises(pg.CheckViolation) as info:
+            conn.commit()
+    assert "hollow-middle" in str(info.value)
+    assert ledger.state() == before
+
+
+def test_checking_entries_early_refuses_them_at_once(ledger: Ledger) -> None:
+    # Asking for the check before the transfers exist cannot skip it: it fails there and then.
+    before = ledger.state()
+    with ledger.connect(app=True) as conn:
+        conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        with pytest.raises(pg.CheckViolation) as info:
+            new_entry(conn, "early")
+        conn.rollback()
+    assert "needs at least one transfer" in str(info.value)
+    assert ledger.state() == before
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO ledger_entry_checks VALUES (1, 1)",
+        "DELETE FROM ledger_entry_checks",
+        "UPDATE ledger_entry_checks SET last_entry_id = first_entry_id",
+        "TRUNCATE ledger_entry_checks",
+        "ALTER TABLE ledger_entry_checks DISABLE TRIGGER ALL",
+    ],
+)
+def test_the_app_role_cannot_touch_the_pending_entry_checks(ledger: Ledger, sql: str) -> None:
+    with ledger.connect(app=True) as conn:
+        refused(conn, pg.InsufficientPrivilege, sql)
+
+
+def test_no_entry_check_outlives_its_commit(ledger: Ledger) -> None:
+    with ledger.connect(app=False) as conn:
+        pending = conn.execute("SELECT count(*) AS n FROM ledger_entry_checks").fetchone()
+    assert pending is not None and pending["n"] == 0
+
+
 def test_a_reversal_must_mirror_the_entry_it_reverses(ledger: Ledger) -> None:
     # A stray "reversal" would otherwise block the real one (reversed at most once).
     with ledger.connect(app=True) as conn:
