@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 
 from ledger import db
@@ -36,3 +38,18 @@ def check_report(url: str) -> dict[str, Any]:
             return check_ledger(conn)
     finally:
         engine.dispose()
+
+
+def wait_for_lock_waiters(url: str, count: int, timeout_s: float = 30.0) -> None:
+    """Wait until ``count`` sessions of the database at ``url`` wait on a lock."""
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(db.libpq_url(url), autocommit=True) as admin:
+        while time.monotonic() < deadline:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ).fetchone()
+            if row is not None and row[0] >= count:
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"{count} sessions never waited on a lock")

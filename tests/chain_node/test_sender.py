@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,7 +41,7 @@ from ledger.commands import Leg, NewEntry
 from ledger.engine import post_batch
 from ledger.errors import Conflict, InvalidInput, LedgerError
 from ledger.outbox import ChainAction
-from tests.books import assert_books_balance
+from tests.books import assert_books_balance, wait_for_lock_waiters
 from tests.conftest import APP_ROLE
 from workers.indexer import Indexer
 from workers.sender import Sender, SenderReport
@@ -351,6 +352,34 @@ def test_queued_transfers_are_sent_once_each_and_the_mirrors_follow(books: Books
     unexplained = b.exceptions("unexplained_transfer")
     assert [row.tx_hash for row in unexplained] == [c.mint_tx]
     assert_books_balance(b.engine)
+
+
+def test_two_concurrent_enqueues_of_one_action_book_it_once(books: Books) -> None:
+    b = books
+    action = b.action("race:0", _recipient("race", 0), 3 * TRACE)
+    outcome: dict[str, Any] = {}
+
+    def second() -> None:
+        try:
+            outcome["second"] = b.enqueue(action, [b.hold("race:0", 3 * TRACE)])
+        except Exception as exc:
+            outcome["error"] = exc
+
+    with b.engine.connect() as conn:
+        transaction = conn.begin()
+        first, created = outbox.enqueue(conn, action, [b.hold("race:0", 3 * TRACE)])
+        thread = threading.Thread(target=second)
+        thread.start()
+        # The second waits on the outbox key the first has not committed yet.
+        wait_for_lock_waiters(b.url, 1)
+        transaction.commit()
+    thread.join(timeout=30)
+    assert "error" not in outcome, outcome.get("error")
+    assert created == "created"
+    assert outcome["second"] == (first, "exists")
+    assert [r.key for r in b.rows()] == ["race:0"]
+    assert b.account(PAYABLE).debits_pending == 3 * TRACE
+    assert b.entry_keys("hold:") == {"hold:race:0"}
 
 
 def test_enqueue_is_idempotent_and_refuses_what_the_ledger_refuses(books: Books) -> None:

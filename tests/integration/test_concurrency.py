@@ -25,9 +25,8 @@ from ledger.accounts import create_account, create_asset
 from ledger.commands import Command, Leg, NewEntry, Resolve
 from ledger.expiry import expire_holds
 from ledger.posting import Poster, PostingQueue
-from tests.books import assert_books_balance, totals
+from tests.books import assert_books_balance, totals, wait_for_lock_waiters
 from tests.conftest import APP_ROLE
-from tests.integration.test_engine import wait_for_lock_waiters
 
 PROCESSES = 6
 DOMAIN_CODES = {"exceeds_credits", "exceeds_debits", "pending_already_resolved", "idempotency_conflict"}

@@ -32,7 +32,7 @@ from ledger.errors import Conflict, LedgerError
 from ledger.expiry import expire_holds
 from ledger.history import balance, statement
 from ledger.posting import Poster, PostingQueue
-from tests.books import assert_books_balance, totals
+from tests.books import assert_books_balance, totals, wait_for_lock_waiters
 from tests.conftest import APP_ROLE
 
 TX = "0x" + "11" * 32
@@ -791,21 +791,6 @@ def test_entries_posted_for_an_actor_are_audited_and_rejections_are_not(books: B
 
 
 # --- races the engine must absorb ------------------------------------------------------
-
-
-def wait_for_lock_waiters(url: str, count: int, timeout_s: float = 30.0) -> None:
-    """Wait until ``count`` sessions of the database at ``url`` wait on a lock."""
-    deadline = time.monotonic() + timeout_s
-    with psycopg.connect(db.libpq_url(url), autocommit=True) as admin:
-        while time.monotonic() < deadline:
-            row = admin.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            ).fetchone()
-            if row is not None and row[0] >= count:
-                return
-            time.sleep(0.01)
-    raise AssertionError(f"{count} sessions never waited on a lock")
 
 
 def test_a_key_committed_while_the_batch_waited_for_its_locks_is_reported_as_exists(books: Books) -> None:

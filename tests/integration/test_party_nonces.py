@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from ledger import db
 from ledger.errors import Conflict, InvalidInput
 from ledger.escrow import party
+from tests.books import wait_for_lock_waiters
 from tests.conftest import APP_ROLE
-from tests.integration.test_engine import wait_for_lock_waiters
 
 BUYER = "0x" + "b1" * 20
 SELLER = "0x" + "5e" * 20
