@@ -181,6 +181,11 @@ def _ratio(value: float, baseline: float) -> float:
     return value / baseline if baseline > 0 else 0.0
 
 
+def _per_s(count: int, seconds: float) -> float:
+    """A rate, 0 when nothing was timed."""
+    return _ratio(count, seconds)
+
+
 def _mark(ok: bool) -> str:
     return "[green]pass[/]" if ok else "[red]miss[/]"
 
@@ -219,7 +224,7 @@ class IndexerReport:
 
     @property
     def logs_per_s(self) -> float:
-        return self.events_stored / self.seconds if self.seconds > 0 else 0.0
+        return _per_s(self.events_stored, self.seconds)
 
     def targets(self) -> dict[str, bool]:
         return {"logs_per_s": self.logs_per_s >= TARGET_LOGS_PER_S}
@@ -462,11 +467,11 @@ class SenderReport:
 
     @property
     def tx_per_s(self) -> float:
-        return self.txs / self.seconds if self.seconds > 0 else 0.0
+        return _per_s(self.txs, self.seconds)
 
     @property
     def baseline_tx_per_s(self) -> float:
-        return self.baseline_txs / self.baseline_seconds if self.baseline_seconds > 0 else 0.0
+        return _per_s(self.baseline_txs, self.baseline_seconds)
 
     @property
     def ratio(self) -> float:

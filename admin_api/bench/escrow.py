@@ -70,6 +70,7 @@ from admin_api.bench.chain import (
     _emit,
     _mark,
     _migrated_engine,
+    _per_s,
     _Platform,
     _ratio,
     _recipient,
@@ -827,11 +828,11 @@ class EscrowReport:
 
     @property
     def escrows_per_s(self) -> float:
-        return self.escrows / self.seconds if self.seconds > 0 else 0.0
+        return _per_s(self.escrows, self.seconds)
 
     @property
     def baseline_escrows_per_s(self) -> float:
-        return self.baseline_escrows / self.baseline_seconds if self.baseline_seconds > 0 else 0.0
+        return _per_s(self.baseline_escrows, self.baseline_seconds)
 
     @property
     def ratio(self) -> float:
