@@ -16,9 +16,10 @@ def application_role() -> str:
     return role
 
 
-def apply(*statements: str, grants: Callable[[str], str]) -> None:
-    """Run a revision's DDL, then its grants to the application role."""
+def apply(*statements: str, grants: Callable[[str], str] | None) -> None:
+    """Run a revision's DDL, then its grants to the application role (None: it grants nothing)."""
     role = application_role()
     for sql in statements:
         op.execute(sql)
-    op.execute(grants(role))
+    if grants is not None:
+        op.execute(grants(role))

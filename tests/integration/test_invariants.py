@@ -863,6 +863,18 @@ def test_the_app_role_cannot_touch_the_pending_entry_checks(ledger: Ledger, sql:
         refused(conn, pg.InsufficientPrivilege, sql)
 
 
+def test_ledger_xid8_names_the_current_transaction_whatever_the_search_path(ledger: Ledger) -> None:
+    # It is inlined into the owner's trigger (no SET clause), so every name in it is qualified.
+    with ledger.connect(app=True) as conn:
+        conn.execute("SET search_path = pg_temp, public")
+        row = conn.execute(
+            "SELECT public.ledger_xid8(pg_catalog.pg_current_xact_id()::xid)"
+            " = pg_catalog.pg_current_xact_id() AS same"
+        ).fetchone()
+        conn.rollback()
+    assert row is not None and row["same"] is True
+
+
 def test_no_entry_check_outlives_its_commit(ledger: Ledger) -> None:
     with ledger.connect(app=False) as conn:
         pending = conn.execute("SELECT count(*) AS n FROM ledger_entry_checks").fetchone()
