@@ -28,13 +28,15 @@ ZERO_ADDRESS = "0x" + "0" * 40
 _ADDRESS = re.compile(r"^0x[0-9a-f]{40}$")
 
 
-def check_address(address: object) -> str:
-    """A 20-byte address as 0x and 40 lower-case hex digits (the form every table stores)."""
+def check_address(address: object, field: str | None = None) -> str:
+    """A 20-byte address as 0x and 40 lower-case hex digits (the form every table stores);
+    ``field`` names the input in the refusal."""
+    prefix = f"{field}: " if field else ""
     if not isinstance(address, str):
-        raise InvalidInput("an address must be a string")
+        raise InvalidInput(f"{prefix}an address must be a string")
     lowered = address.lower()
     if not _ADDRESS.fullmatch(lowered):
-        raise InvalidInput(f"not an address: {address!r:.60}")
+        raise InvalidInput(f"{prefix}not an address: {address!r:.60}")
     return lowered
 
 

@@ -79,7 +79,7 @@ class NewEscrow:
         if isinstance(self.chain_id, bool) or not isinstance(self.chain_id, int) or self.chain_id <= 0:
             raise InvalidInput("chain_id must be a positive integer")
         for name in ("contract", "buyer", "seller"):
-            object.__setattr__(self, name, custody.check_address(getattr(self, name)))
+            object.__setattr__(self, name, custody.check_address(getattr(self, name), name))
         if self.buyer == self.seller:
             raise InvalidInput("the buyer and the seller must be different addresses")
         if custody.ZERO_ADDRESS in (self.buyer, self.seller):
@@ -460,7 +460,7 @@ def list_escrows(
     limit: int = 100,
 ) -> Sequence[Escrow]:
     """Escrows filtered by status, party (buyer or seller) and deadline; keyset pages by id."""
-    party_address = None if party is None else custody.check_address(party)
+    party_address = None if party is None else custody.check_address(party, "party")
     rows = conn.execute(
         sa.text(
             _SELECT + " WHERE (CAST(:status AS text) IS NULL OR e.status = :status)"

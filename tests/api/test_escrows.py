@@ -525,13 +525,15 @@ def test_create_refuses_bad_input_and_writes_nothing(api: Api, field: str, value
 def test_create_refuses_unknown_revoked_or_repeated_attestors(api: Api, attestors: tuple[str, ...]) -> None:
     ids = [api.attestors.get(name, 999_999) for name in attestors]
     body = api.escrow_body("bad-policy", attestors=ids, threshold=1)
-    api.refused(400, "invalid_input", "POST", "/escrows", body, role="operator")
+    problem = api.refused(400, "invalid_input", "POST", "/escrows", body, role="operator")
+    assert "attestor" in problem["detail"], problem
 
 
 @pytest.mark.parametrize("deadline", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
 def test_create_refuses_a_deadline_outside_the_calendar(api: Api, deadline: str) -> None:
     body = api.escrow_body("edge-deadline", deadline=deadline)
-    api.refused(400, "invalid_input", "POST", "/escrows", body, role="operator")
+    problem = api.refused(400, "invalid_input", "POST", "/escrows", body, role="operator")
+    assert "outside the calendar" in problem["detail"], problem
 
 
 # --- bodies that are not JSON objects, on every route that takes one ---------------------------
@@ -556,7 +558,8 @@ def test_a_body_that_is_not_a_json_object_is_refused_everywhere(api: Api, raw: s
     for path, role in _body_routes(api, escrow["id"]):
         if path.endswith("/releases") and raw == "null":
             continue  # the release body is optional; null is "no body"
-        api.refused(400, "invalid_input", "POST", path, role=role or None, raw=raw)
+        problem = api.refused(400, "invalid_input", "POST", path, role=role or None, raw=raw)
+        assert problem["detail"], (path, problem)
 
 
 def test_a_body_that_is_not_json_is_refused_everywhere(api: Api) -> None:
@@ -731,7 +734,9 @@ def test_list_filters_and_pages(api: Api) -> None:
     ],
 )
 def test_list_refuses_bad_filters(api: Api, query: str) -> None:
-    api.refused(400, "invalid_input", "GET", f"/escrows?{query}", role="auditor")
+    problem = api.refused(400, "invalid_input", "GET", f"/escrows?{query}", role="auditor")
+    # The problem names the parameter it refused.
+    assert query.split("=", 1)[0] in json.dumps(problem), problem
 
 
 # --- attestors ----------------------------------------------------------------------------------
@@ -769,7 +774,8 @@ _BAD_ATTESTORS: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("body", _BAD_ATTESTORS)
 def test_register_refuses_bad_keys_and_proofs(api: Api, body: dict[str, Any]) -> None:
-    api.refused(400, "invalid_input", "POST", "/attestors", body)
+    problem = api.refused(400, "invalid_input", "POST", "/attestors", body)
+    assert problem["detail"], problem
 
 
 def test_an_attestor_registered_then_again_then_conflicting_then_revoked(api: Api) -> None:
@@ -856,9 +862,11 @@ def test_attestations_refuse_bad_signatures_and_count_good_ones(api: Api) -> Non
 def test_an_unfunded_escrow_takes_no_attestations(api: Api) -> None:
     escrow = api.create("attest-unfunded")
     body = attestation_body(api, escrow, "carrier")
-    api.refused(
+    problem = api.refused(
         409, "escrow_not_attestable", "POST", f"/escrows/{escrow['id']}/attestations", body, role=None
     )
+    assert "awaiting_funding" in problem["detail"], problem
+    assert api.escrow(escrow["id"])["status"] == "awaiting_funding"
 
 
 def test_an_escrow_that_releases_by_itself_starts_releasing_at_the_threshold(api: Api) -> None:
@@ -1062,7 +1070,8 @@ def test_a_signed_creation_refuses_bad_requests_and_writes_nothing(api: Api) -> 
 @pytest.mark.parametrize("deadline", [2**64 - 1, 253_402_300_800])
 def test_a_signed_creation_refuses_a_deadline_beyond_the_calendar(api: Api, deadline: int) -> None:
     body = signed_create("po-far", 40, attestors=(api.attestors["carrier"],), deadline=deadline)
-    api.refused(400, "invalid_input", "POST", "/party/escrows", body, role=None)
+    problem = api.refused(400, "invalid_input", "POST", "/party/escrows", body, role=None)
+    assert "outside the calendar" in problem["detail"], problem
 
 
 def test_a_signed_dispute_by_a_party_opens_once_and_refuses_everyone_else(api: Api) -> None:
@@ -1111,9 +1120,13 @@ def test_a_signed_dispute_by_a_party_opens_once_and_refuses_everyone_else(api: A
 def test_a_signed_dispute_of_an_unfunded_escrow_is_refused_and_spends_no_nonce(api: Api) -> None:
     escrow = api.create("party-dispute-unfunded", buyer=BUYER.address, seller=SELLER.address)
     body = signed_dispute(escrow["id"], 77, signer=BUYER)
-    api.refused(
-        409, "escrow_transition_refused", "POST", f"/party/escrows/{escrow['id']}/dispute", body, role=None
-    )
+    path = f"/party/escrows/{escrow['id']}/dispute"
+    problem = api.refused(409, "escrow_transition_refused", "POST", path, body, role=None)
+    assert "awaiting_funding" in problem["detail"], problem
+    # The nonce was not spent: once the escrow is funded, the same signed request opens the dispute.
+    api.fund(escrow["id"])
+    opened = api.ok(path, body, role=None)
+    assert api.escrow(escrow["id"])["status"] == "disputed", opened
 
 
 # --- resolutions and their approval -------------------------------------------------------------
