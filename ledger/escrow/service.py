@@ -38,13 +38,16 @@ def escrow_id_for(key: str) -> str:
     return "0x" + hashlib.sha256(f"tracechain-escrow:{key}".encode()).hexdigest()
 
 
+_OUTSIDE_CALENDAR = "deadline is outside the calendar (years 1 to 9999 in UTC)"
+
+
 def utc_deadline(deadline: datetime) -> datetime:
     """``deadline`` in UTC; one that leaves the calendar once in UTC (year 1 or 9999 with an
     offset) is bad input, not a crash."""
     try:
         return deadline.astimezone(UTC)
     except (OverflowError, ValueError):
-        raise InvalidInput("deadline is outside the calendar (years 1 to 9999 in UTC)") from None
+        raise InvalidInput(_OUTSIDE_CALENDAR) from None
 
 
 def deadline_from_unix(seconds: int) -> datetime:
@@ -52,7 +55,7 @@ def deadline_from_unix(seconds: int) -> datetime:
     try:
         return datetime.fromtimestamp(seconds, UTC)
     except (OverflowError, ValueError, OSError):
-        raise InvalidInput("deadline is outside the calendar (years 1 to 9999 in UTC)") from None
+        raise InvalidInput(_OUTSIDE_CALENDAR) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,7 +541,7 @@ class AttestOutcome:
     escrow_status: str
     attestations: int
     threshold: int
-    auto_release: bool = False  # the escrow's term: its release starts once delivery is confirmed
+    auto_release: bool  # the escrow's term: its release starts once delivery is confirmed
 
 
 def attest(

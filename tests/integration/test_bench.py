@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 
-import psycopg
 import pytest
 from click.testing import CliRunner
 
 from admin_api.bench import bench
 from admin_api.bench.ledger import SCRATCH_PREFIX
+from tests.bench_runs import scratch_databases
 
 FIGURES = (
     "engine_tps",
@@ -25,14 +25,6 @@ FIGURES = (
     "api_p50_ms",
     "api_p99_ms",
 )
-
-
-def _scratch_databases(server_url: str) -> set[str]:
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (SCRATCH_PREFIX,)
-        ).fetchall()
-    return {str(r[0]) for r in rows}
 
 
 @pytest.mark.slow
@@ -70,7 +62,7 @@ def test_quick_json_run_reports_every_figure_and_drops_its_database(
     assert by_kind["bench.api"] == report["api"]["requests"]
 
     assert report["scratch_database"].startswith(SCRATCH_PREFIX)
-    assert report["scratch_database"] not in _scratch_databases(pg_server_url)
+    assert report["scratch_database"] not in scratch_databases(pg_server_url)
 
 
 def test_scratch_database_is_dropped_when_the_run_fails(pg_server_url: str) -> None:
@@ -79,7 +71,7 @@ def test_scratch_database_is_dropped_when_the_run_fails(pg_server_url: str) -> N
     created: list[str] = []
     with pytest.raises(RuntimeError, match="boom"), scratch_database(pg_server_url) as url:
         created.append(url.rsplit("/", 1)[-1])
-        assert created[0] in _scratch_databases(pg_server_url)
+        assert created[0] in scratch_databases(pg_server_url)
         raise RuntimeError("boom")
     assert created and created[0].startswith(SCRATCH_PREFIX)
-    assert created[0] not in _scratch_databases(pg_server_url)
+    assert created[0] not in scratch_databases(pg_server_url)

@@ -10,68 +10,23 @@ figures are.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
 
 from admin_api.bench.chain import ESCROW_EVERY
 from admin_api.bench.ledger import SCRATCH_PREFIX
-
-BIN = Path(sys.executable).parent
-
-
-def _scratch_databases(server_url: str) -> set[str]:
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (SCRATCH_PREFIX,)
-        ).fetchall()
-    return {str(r[0]) for r in rows}
-
-
-def _bench(args: list[str], server_url: str, data_dir: Path) -> dict[str, Any]:
-    """Run ``tracechain bench ARGS --json``; the one JSON object it printed on stdout."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")} | {
-        "TRACE_DATABASE_URL": server_url,
-        "TRACE_DATA_DIR": str(data_dir),
-        "TRACE_LOG_LEVEL": "WARNING",
-    }
-    result = subprocess.run(
-        [str(BIN / "tracechain"), "bench", *args, "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stdout
-    report = json.loads(lines[0])
-    assert isinstance(report, dict)
-    return report
-
-
-def _positive_number(report: dict[str, Any], key: str) -> float:
-    value = report[key]
-    assert isinstance(value, int | float) and not isinstance(value, bool), (key, value)
-    assert value > 0, (key, value)
-    return float(value)
+from tests.bench_runs import bench_json, positive_number, scratch_databases
 
 
 def test_indexer_bench_indexes_every_generated_log_and_books_the_escrow_ones(
     pg_server_url: str, tmp_path: Path
 ) -> None:
     logs = 600  # two fan-out transactions of at most 500 transfers
-    report = _bench(["indexer", "--logs", str(logs)], pg_server_url, tmp_path)
+    report = bench_json(["indexer", "--logs", str(logs)], pg_server_url, tmp_path)
 
     for key in ("logs_per_s", "seconds", "generation_s", "duration_s"):
-        _positive_number(report, key)
+        positive_number(report, key)
     assert report["transfers"] == logs
     assert report["escrow_transfers"] == logs // ESCROW_EVERY
     # Every fan-out transfer, the mint into the fan-out contract and the deployment's role grants.
@@ -89,20 +44,20 @@ def test_indexer_bench_indexes_every_generated_log_and_books_the_escrow_ones(
     assert isinstance(report["targets_met"]["logs_per_s"], bool)
 
     assert report["scratch_database"].startswith(SCRATCH_PREFIX)
-    assert report["scratch_database"] not in _scratch_databases(pg_server_url)
+    assert report["scratch_database"] not in scratch_databases(pg_server_url)
 
 
 def test_sender_bench_confirms_every_transfer_and_compares_with_one_by_one_sending(
     pg_server_url: str, tmp_path: Path
 ) -> None:
-    report = _bench(
+    report = bench_json(
         ["sender", "--txs", "12", "--sample", "2", "--block-time", "0.2"], pg_server_url, tmp_path
     )
 
-    tx_per_s = _positive_number(report, "tx_per_s")
-    baseline = _positive_number(report, "baseline_tx_per_s")
+    tx_per_s = positive_number(report, "tx_per_s")
+    baseline = positive_number(report, "baseline_tx_per_s")
     for key in ("seconds", "baseline_seconds", "ratio", "duration_s"):
-        _positive_number(report, key)
+        positive_number(report, key)
     assert report["txs"] == 12
     assert report["baseline_txs"] == 2
     assert report["block_time_s"] == 0.2
@@ -118,4 +73,4 @@ def test_sender_bench_confirms_every_transfer_and_compares_with_one_by_one_sendi
     assert set(report["targets_met"]) == {"tx_per_s", "ratio"}
 
     assert report["scratch_database"].startswith(SCRATCH_PREFIX)
-    assert report["scratch_database"] not in _scratch_databases(pg_server_url)
+    assert report["scratch_database"] not in scratch_databases(pg_server_url)

@@ -10,20 +10,16 @@ processes); never how large the figures are.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from admin_api.bench.escrow import ATTESTERS, QUICK, TARGET_ESCROWS_PER_S
 from admin_api.bench.ledger import SCRATCH_PREFIX
+from tests.bench_runs import bench_json, positive_number, scratch_databases
 
-BIN = Path(sys.executable).parent
 ESCROWS = 12
 SAMPLE = 1
 CHECKS = {
@@ -36,14 +32,6 @@ CHECKS = {
     "no_exceptions",
     "books_balanced",
 }
-
-
-def _scratch_databases(server_url: str) -> set[str]:
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (SCRATCH_PREFIX,)
-        ).fetchall()
-    return {str(r[0]) for r in rows}
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -62,47 +50,23 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def _positive(report: dict[str, Any], key: str) -> float:
-    value = report[key]
-    assert isinstance(value, int | float) and not isinstance(value, bool), (key, value)
-    assert value > 0, (key, value)
-    return float(value)
-
-
 @pytest.fixture(scope="module")
 def report(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """``tracechain bench escrow --quick --json`` on a tiny size, run once for the module: the one
     JSON object it printed."""
     tmp_path = tmp_path_factory.mktemp("escrow-bench")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")} | {
-        "TRACE_DATABASE_URL": pg_server_url,
-        "TRACE_DATA_DIR": str(tmp_path / "data"),
-        "TRACE_LOG_LEVEL": "WARNING",
+    parsed = bench_json(
+        ["escrow", "--quick", "--escrows", str(ESCROWS), "--sample", str(SAMPLE)],
+        pg_server_url,
+        tmp_path / "data",
         # The bench's own scratch directory (workers' logs, the embedded Redis) goes here.
-        "TMPDIR": str(tmp_path),
-    }
-    result = subprocess.run(
-        [
-            str(BIN / "tracechain"),
-            *("bench", "escrow", "--quick", "--json"),
-            *("--escrows", str(ESCROWS), "--sample", str(SAMPLE)),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+        {"TMPDIR": str(tmp_path)},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stdout
-    parsed = json.loads(lines[0])
-    assert isinstance(parsed, dict)
     # Stopped and removed: no scratch directory, no process started from it, no scratch database.
     assert list(tmp_path.glob("tracechain-bench-escrow-*")) == []
     assert _processes_mentioning(str(tmp_path)) == []
     assert parsed["scratch_database"].startswith(SCRATCH_PREFIX)
-    assert parsed["scratch_database"] not in _scratch_databases(pg_server_url)
+    assert parsed["scratch_database"] not in scratch_databases(pg_server_url)
     return parsed
 
 
@@ -121,10 +85,10 @@ def test_escrow_bench_settles_every_escrow_and_the_books_follow_the_chain(report
     assert all(report["checks"][name] is True for name in CHECKS), report["checks"]
     assert report["checks_ok"] is True
 
-    escrows_per_s = _positive(report, "escrows_per_s")
-    baseline = _positive(report, "baseline_escrows_per_s")
+    escrows_per_s = positive_number(report, "escrows_per_s")
+    baseline = positive_number(report, "baseline_escrows_per_s")
     for key in ("seconds", "baseline_seconds", "ratio", "duration_s", "verify_ratio"):
-        _positive(report, key)
+        positive_number(report, key)
     assert report["escrows_per_s"] == pytest.approx(ESCROWS / report["seconds"], rel=0.01)
     assert report["baseline_escrows_per_s"] == pytest.approx(SAMPLE / report["baseline_seconds"], rel=0.01)
     assert report["ratio"] == pytest.approx(escrows_per_s / baseline, rel=0.02)

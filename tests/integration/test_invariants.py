@@ -817,19 +817,27 @@ def test_an_entry_without_transfers_is_refused_at_commit(ledger: Ledger) -> None
     assert ledger.state() == before
 
 
-def test_an_entry_without_transfers_is_refused_among_whole_ones(ledger: Ledger) -> None:
-    # The commit-time check covers every entry of the statement, not only its first or last.
+@pytest.mark.parametrize("one_statement", [False, True], ids=["statement-each", "one-statement"])
+def test_an_entry_without_transfers_is_refused_among_whole_ones(ledger: Ledger, one_statement: bool) -> None:
+    # The commit-time check covers every entry, whether each came in its own statement or all
+    # three in one (the range between the first and the last id).
     before = ledger.state()
+    keys = ["whole-1", "hollow-middle", "whole-2"]
     with ledger.connect(app=True) as conn:
-        first = new_entry(conn, "whole-1")
-        row = transfer_row(conn, ledger.ids["bank"], ledger.ids["alice"], 1)
-        row["entry_id"], row["posted_at"] = first["id"], first["posted_at"]
-        conn.execute(_INSERT_TRANSFER, row)
-        new_entry(conn, "hollow-middle")
-        last = new_entry(conn, "whole-2")
-        row = transfer_row(conn, ledger.ids["bank"], ledger.ids["alice"], 1)
-        row["entry_id"], row["posted_at"] = last["id"], last["posted_at"]
-        conn.execute(_INSERT_TRANSFER, row)
+        if one_statement:
+            entries = conn.execute(
+                "INSERT INTO ledger_entries (idempotency_key, kind, content_hash, effective_at, posted_at)"
+                " SELECT k, 'raw', %s, clock_timestamp(), clock_timestamp() FROM unnest(%s::text[]) k"
+                " RETURNING id, posted_at, idempotency_key",
+                (ZERO_HASH, keys),
+            ).fetchall()
+            by_key = {e["idempotency_key"]: e for e in entries}
+        else:
+            by_key = {key: new_entry(conn, key) for key in keys}
+        for key in ("whole-1", "whole-2"):
+            row = transfer_row(conn, ledger.ids["bank"], ledger.ids["alice"], 1)
+            row["entry_id"], row["posted_at"] = by_key[key]["id"], by_key[key]["posted_at"]
+            conn.execute(_INSERT_TRANSFER, row)
         with pytest.raises(pg.CheckViolation) as info:
             conn.commit()
     assert "hollow-middle" in str(info.value)

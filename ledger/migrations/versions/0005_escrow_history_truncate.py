@@ -19,12 +19,10 @@ CREATE TRIGGER escrow_history_no_truncate BEFORE TRUNCATE ON escrow_history
 """
 
 
-def _grants(role: str) -> str:
-    return f'REVOKE TRUNCATE ON escrow_history FROM "{role}";'
-
-
 def upgrade() -> None:
-    apply(SCHEMA, grants=_grants)
+    # The application role never had TRUNCATE here (0003 grants SELECT and INSERT); the trigger
+    # stops the owner too.
+    apply(SCHEMA, grants=None)
 
 
 def downgrade() -> None:
