@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation, localcontext
 from pathlib import Path
 
 from ledger.commands import BATCH_MAX_COMMANDS
@@ -57,6 +58,8 @@ class Settings:
     escrow_fee_bps: int = 250
     escrow_sweep_interval_s: float = 30.0
     bls_verifier: str = "blst"
+    points_per_trace: Decimal = Decimal(100)
+    points_expiry_interval_s: float = 300.0
 
     @property
     def deployment_path(self) -> Path:
@@ -107,6 +110,21 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     if raw not in choices:
         raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
     return raw
+
+
+def _decimal(env: Mapping[str, str], name: str, default: Decimal, maximum: Decimal) -> Decimal:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    with localcontext() as ctx:
+        ctx.prec = 80
+        try:
+            value = Decimal(raw.strip())
+        except InvalidOperation as exc:
+            raise SettingsError(f"{name} must be a decimal number, got {raw!r}") from exc
+    if not value.is_finite() or not 0 < value <= maximum:
+        raise SettingsError(f"{name} must be greater than 0 and at most {maximum}, got {raw!r}")
+    return value
 
 
 def _opt(env: Mapping[str, str], name: str) -> str | None:
@@ -162,4 +180,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         escrow_fee_bps=_int(source, "TRACE_ESCROW_FEE_BPS", 250, 0, 10_000),
         escrow_sweep_interval_s=_float(source, "TRACE_ESCROW_SWEEP_INTERVAL_S", 30.0, 86_400.0),
         bls_verifier=_choice(source, "TRACE_BLS_VERIFIER", "blst", ("blst", "milagro", "py_ecc")),
+        points_per_trace=_decimal(source, "TRACE_POINTS_PER_TRACE", Decimal(100), Decimal(10**36)),
+        points_expiry_interval_s=_float(source, "TRACE_POINTS_EXPIRY_INTERVAL_S", 300.0, 86_400.0),
     )
