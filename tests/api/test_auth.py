@@ -63,6 +63,20 @@ EXPECTED_ROLES: dict[tuple[str, str], tuple[str | None, ...]] = {
     ("post", "/escrows/{escrow_id}/attestations"): EVERYONE,
     ("post", "/party/escrows"): EVERYONE,
     ("post", "/party/escrows/{escrow_id}/dispute"): EVERYONE,
+    ("get", "/points/rules"): ("admin", "finance", "auditor", "operator"),
+    ("post", "/points/rules"): ("admin", "finance"),
+    ("get", "/points/participants"): ("admin", "finance", "auditor", "operator"),
+    ("get", "/points/participants/{participant_id}"): ("admin", "finance", "auditor", "operator"),
+    ("put", "/points/participants/{participant_id}"): ("admin", "finance", "operator"),
+    ("get", "/points/participants/{participant_id}/balance"): ("admin", "finance", "auditor", "operator"),
+    ("get", "/points/participants/{participant_id}/history"): ("admin", "finance", "auditor", "operator"),
+    ("post", "/points/events"): ("admin", "operator"),
+    ("get", "/points/claims"): ("admin", "finance", "auditor", "operator"),
+    ("post", "/points/claims"): ("admin", "finance", "operator"),
+    ("get", "/points/claims/{claim_id}"): ("admin", "finance", "auditor", "operator"),
+    ("post", "/points/expiry"): ("admin", "finance", "operator"),
+    # Signed by the participant's wallet.
+    ("post", "/party/points/claims"): EVERYONE,
 }
 PATH_VALUES = {
     "code": "no-such-account",
@@ -71,6 +85,8 @@ PATH_VALUES = {
     "escrow_id": "no-such-escrow",
     "attestor_id": "999999",
     "resolution_id": "999999",
+    "participant_id": "no-such-participant",
+    "claim_id": "999999",
 }
 HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
 
