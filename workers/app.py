@@ -25,6 +25,8 @@ TASK_INDEX = "tracechain.chain.index"
 TASK_SEND = "tracechain.chain.send"
 TASK_EXPIRE_HOLDS = "tracechain.ledger.expire_holds"
 TASK_ESCROW_SWEEP = "tracechain.escrow.sweep"
+TASK_POINTS_INGEST = "tracechain.points.ingest"
+TASK_POINTS_EXPIRE = "tracechain.points.expire"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -51,6 +53,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             TASK_SEND: {"queue": QUEUE_CHAIN_SEND},
             TASK_EXPIRE_HOLDS: {"queue": QUEUE_LEDGER},
             TASK_ESCROW_SWEEP: {"queue": QUEUE_LEDGER},
+            TASK_POINTS_INGEST: {"queue": QUEUE_LEDGER},
+            TASK_POINTS_EXPIRE: {"queue": QUEUE_LEDGER},
         },
         "beat_schedule": beat_schedule(settings),
         "worker_hijack_root_logger": False,
@@ -83,6 +87,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "task": TASK_EXPIRE_HOLDS,
             "schedule": timedelta(seconds=60),
             "options": {"expires": 60},
+        },
+        "points-expiry": {
+            "task": TASK_POINTS_EXPIRE,
+            "schedule": timedelta(seconds=settings.points_expiry_interval_s),
+            "options": {"expires": max(1.0, settings.points_expiry_interval_s)},
         },
     }
 

@@ -12,10 +12,12 @@ import structlog
 from celery import Celery
 
 from ledger.expiry import expire_holds
+from ledger.points import expiry as points_expiry
+from ledger.points import ingest as points_ingest
 from ledger.posting import Poster
 from workers import app as app_module
 from workers import escrow_saga
-from workers.base import TraceTask
+from workers.base import TRANSIENT, TraceTask
 from workers.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -61,3 +63,32 @@ def register(celery: Celery) -> None:
         if report.expired or report.returned:
             log.info("task.escrow_sweep", **report.as_dict())
         return report.as_dict()
+
+    @celery.task(
+        name=app_module.TASK_POINTS_INGEST,
+        base=TraceTask,
+        bind=True,
+        shared=False,
+        autoretry_for=(*TRANSIENT, points_ingest.IngestRaceLost),
+    )
+    def ingest_points(self: TraceTask, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """Accrue one batch of events (idempotent per event: a redelivered batch adds nothing)."""
+        with runtime_of(celery).engine.begin() as conn:
+            report = points_ingest.ingest(conn, events)
+        summary = report.as_dict(details_max=20)
+        log.info("task.points_ingest", **{k: v for k, v in summary.items() if k != "skipped"})
+        return summary
+
+    @celery.task(name=app_module.TASK_POINTS_EXPIRE, base=TraceTask, bind=True, shared=False)
+    def expire_points(self: TraceTask) -> dict[str, Any]:
+        lots, total = 0, 0
+        for _ in range(100):  # bounded: at most 100 x SWEEP_MAX_LOTS lots a run
+            with runtime_of(celery).engine.begin() as conn:
+                report = points_expiry.expire_points(conn)
+            lots += report.lots
+            total += report.points
+            if report.lots < points_expiry.SWEEP_MAX_LOTS:
+                break
+        if lots:
+            log.info("task.points_expire", lots=lots, points=str(total))
+        return {"lots": lots, "points": str(total)}

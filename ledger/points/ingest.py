@@ -55,8 +55,10 @@ WITH i AS (
         SELECT r.daily_cap FROM points_rules r WHERE r.event_type = i.typ AND r.effective_at <= i.occ
         ORDER BY r.effective_at DESC LIMIT 1
     ) r ON r.daily_cap IS NOT NULL
-    WHERE i.occ <= now()
-      AND NOT EXISTS (SELECT 1 FROM points_events e WHERE e.source = i.source AND e.event_id = i.event_id)
+    LEFT JOIN LATERAL (
+        SELECT 1 AS known FROM points_events e WHERE e.source = i.source AND e.event_id = i.event_id LIMIT 1
+    ) x ON true
+    WHERE i.occ <= now() AND x.known IS NULL
 )
 INSERT INTO points_daily_totals AS d (participant_id, event_type, day)
 SELECT pid, typ, day FROM k ORDER BY pid, typ, day
@@ -77,8 +79,11 @@ WITH i AS (
         SELECT r.* FROM points_rules r WHERE r.event_type = i.typ AND r.effective_at <= i.occ
         ORDER BY r.effective_at DESC LIMIT 1
     ) r ON true
-    WHERE i.occ <= now()
-      AND NOT EXISTS (SELECT 1 FROM points_events e WHERE e.source = i.source AND e.event_id = i.event_id)
+    -- One index probe per event (a LIMIT keeps the planner from scanning the whole table).
+    LEFT JOIN LATERAL (
+        SELECT 1 AS known FROM points_events e WHERE e.source = i.source AND e.event_id = i.event_id LIMIT 1
+    ) x ON true
+    WHERE i.occ <= now() AND x.known IS NULL
 ), e AS (
     -- Multipliers round down: points paid out are never more than the rule gives.
     SELECT s.*, div(s.base * s.bps, 10000) AS earned FROM s
@@ -97,8 +102,8 @@ WITH i AS (
     INSERT INTO points_events (source, event_id, participant_id, event_type, occurred_at, details,
         content_hash, batch_id, rule_id, tier, base_points, multiplier_bps, earned, points, capped,
         expires_at)
-    SELECT source, event_id, pid, typ, occ, det, hash, :batch, rule_id, tier, base, bps, earned, pts,
-        pts < earned, occ + make_interval(secs => expires_after_s)
+    SELECT source, event_id, pid, typ, occ, COALESCE(det, '{}'), hash, :batch, rule_id, tier, base, bps,
+        earned, pts, pts < earned, occ + make_interval(secs => expires_after_s)
     FROM f ORDER BY ord
     ON CONFLICT (source, event_id) DO NOTHING
     RETURNING source, event_id, participant_id, event_type, occurred_at, points, expires_at
@@ -132,7 +137,9 @@ SELECT CASE
         ELSE 'raced' END,
     NULL, NULL, i.ord
 FROM i
-LEFT JOIN points_events x ON x.source = i.source AND x.event_id = i.event_id
+LEFT JOIN LATERAL (
+    SELECT e.content_hash FROM points_events e WHERE e.source = i.source AND e.event_id = i.event_id LIMIT 1
+) x ON true
 LEFT JOIN points_participants p ON p.id = i.pid
 WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.source = i.source AND ins.event_id = i.event_id)
 """
@@ -201,7 +208,7 @@ class _Batch:
     pid: list[str] = field(default_factory=list)
     typ: list[str] = field(default_factory=list)
     occ: list[str] = field(default_factory=list)
-    det: list[str] = field(default_factory=list)
+    det: list[str | None] = field(default_factory=list)
     hash: list[bytes] = field(default_factory=list)
     index: list[int] = field(default_factory=list)
 
@@ -283,7 +290,7 @@ def parse_events(events: object) -> tuple[_Batch, list[EventOutcome]]:
         batch.pid.append(participant)
         batch.typ.append(event_type)
         batch.occ.append(occurred)
-        batch.det.append(details)
+        batch.det.append(None if details == "{}" else details)
         batch.hash.append(digest)
         batch.index.append(position)
     return batch, repeats

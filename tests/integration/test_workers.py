@@ -29,6 +29,8 @@ from workers.app import (
     TASK_ESCROW_SWEEP,
     TASK_EXPIRE_HOLDS,
     TASK_INDEX,
+    TASK_POINTS_EXPIRE,
+    TASK_POINTS_INGEST,
     TASK_SEND,
     make_celery,
 )
@@ -64,11 +66,13 @@ def test_configuration_is_explicit() -> None:
     assert conf.result_backend is None
     assert conf.task_routes[TASK_SEND] == {"queue": "chain-send"}
     assert conf.task_routes[TASK_INDEX] == {"queue": "chain"}
+    assert conf.task_routes[TASK_POINTS_INGEST] == {"queue": "ledger"}
     assert {entry["task"] for entry in conf.beat_schedule.values()} == {
         TASK_INDEX,
         TASK_SEND,
         TASK_EXPIRE_HOLDS,
         TASK_ESCROW_SWEEP,
+        TASK_POINTS_EXPIRE,
     }
 
 
