@@ -28,6 +28,7 @@ from admin_api.resources import (
     holds,
     ledger_state,
     ops,
+    staking,
 )
 from ledger.db import make_engine
 from ledger.logs import configure_logging
@@ -106,6 +107,7 @@ def create_app(
         entries.blp,
         holds.blp,
         escrows.blp,
+        staking.blp,
         audit_log.blp,
     ):
         api.register_blueprint(blueprint)

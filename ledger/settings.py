@@ -57,6 +57,7 @@ class Settings:
     escrow_fee_bps: int = 250
     escrow_sweep_interval_s: float = 30.0
     bls_verifier: str = "blst"
+    staking_tick_interval_s: float = 60.0
 
     @property
     def deployment_path(self) -> Path:
@@ -162,4 +163,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         escrow_fee_bps=_int(source, "TRACE_ESCROW_FEE_BPS", 250, 0, 10_000),
         escrow_sweep_interval_s=_float(source, "TRACE_ESCROW_SWEEP_INTERVAL_S", 30.0, 86_400.0),
         bls_verifier=_choice(source, "TRACE_BLS_VERIFIER", "blst", ("blst", "milagro", "py_ecc")),
+        staking_tick_interval_s=_float(source, "TRACE_STAKING_TICK_INTERVAL_S", 60.0, 86_400.0),
     )

@@ -14,7 +14,7 @@ from celery import Celery
 from ledger.expiry import expire_holds
 from ledger.posting import Poster
 from workers import app as app_module
-from workers import escrow_saga
+from workers import escrow_saga, staking_saga
 from workers.base import TraceTask
 from workers.runtime import Runtime
 
@@ -61,3 +61,10 @@ def register(celery: Celery) -> None:
         if report.expired or report.returned:
             log.info("task.escrow_sweep", **report.as_dict())
         return report.as_dict()
+
+    @celery.task(name=app_module.TASK_STAKING_TICK, base=TraceTask, bind=True, shared=False)
+    def tick_staking_pools(self: TraceTask) -> dict[str, int]:
+        run = staking_saga.tick_all(runtime_of(celery).engine)
+        if run.entries or run.returned:
+            log.info("task.staking_tick", **run.as_dict())
+        return run.as_dict()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_DOWN, Decimal, localcontext
 from typing import Any, Final, cast
 
@@ -372,6 +372,8 @@ def fund_pool(
     )
     [result] = post_batch(conn, [entry])
     if result.status == "rejected":
+        if result.code == "idempotency_conflict":
+            raise Conflict("idempotency_conflict", result.reason or f"key {key!r} was used for another entry")
         raise LedgerError(result.code or "rejected", result.reason or "funding refused")
     if result.status == "created":
         _move(conn, pool_id, "funded", actor, {"entry_key": key}, amount=amount)
@@ -422,6 +424,17 @@ def virtual_tick(conn: sa.Connection, pool: Pool, now_s: int) -> accumulator.Tic
     return accumulator.tick(
         pool.state, now_s, available[budget_account(pool.id)], available[remainder_account(pool.id)]
     )
+
+
+def exhausted_now(conn: sa.Connection, pool: Pool, result: accumulator.Tick) -> bool:
+    """Whether the pool's budget has run out as of the (virtual) tick ``result``: the tick was cut
+    short, or the pool was marked exhausted and its budget is still empty."""
+    if result.exhausted:
+        return True
+    if pool.exhausted_since_s is None:
+        return False
+    left = _available(conn, (budget_account(pool.id),))[budget_account(pool.id)] - result.from_budget
+    return left == 0
 
 
 def tick_locked(conn: sa.Connection, pool: Pool, now_s: int) -> TickReport:
@@ -763,6 +776,33 @@ def reserve_claim(
     return take
 
 
+def return_claim(conn: sa.Connection, pool_id: int, staker: str, amount: int, claim_key: str) -> bool:
+    """A claim's transaction failed and its hold was voided: the amount goes back to the
+    staker's accrued reward, once per claim. Returns whether it was given back now."""
+    pool = get_pool(conn, pool_id, for_update=True)
+    done = conn.execute(
+        sa.text("SELECT 1 FROM staking_moves WHERE kind = 'claim_returned' AND event_key = :k"),
+        {"k": claim_key},
+    ).first()
+    if done is not None:
+        return False
+    position = _position(conn, pool.id, staker, for_update=True)
+    if position is None:
+        raise NotFound("position_not_found", f"{staker} has no position in pool {pool_id}")
+    _write_position(conn, replace(position, accrued=position.accrued + check_amount(amount)))
+    _move(
+        conn,
+        pool.id,
+        "claim_returned",
+        "system",
+        {"outbox": claim_key},
+        staker=staker,
+        amount=amount,
+        event_key=claim_key,
+    )
+    return True
+
+
 # -- reads ----------------------------------------------------------------------------------
 
 
@@ -808,7 +848,7 @@ def rewards_of(conn: sa.Connection, staker: str, now_s: int) -> list[dict[str, A
         pool = get_pool(conn, int(r.pool_id))
         result = virtual_tick(conn, pool, now_s)
         accrued = accumulator.accrued_at(int(r.stake), int(r.snapshot), int(r.accrued), result.acc)
-        exhausted = pool.exhausted_since_s is not None or result.exhausted
+        exhausted = exhausted_now(conn, pool, result)
         apr = _apr_bps(pool)
         if exhausted or apr is None:
             apr = 0 if exhausted else apr
@@ -884,7 +924,7 @@ def liability_report(conn: sa.Connection, now_s: int) -> list[dict[str, Any]]:
                 "remainder": str(int(remainder.credits_posted) - int(remainder.debits_posted)),
                 "stakers": int(stakers.n),
                 "stakers_accrued": str(int(stakers.settled) + int(stakers.open) // accumulator.SCALE),
-                "budget_exhausted": pool.exhausted_since_s is not None or result.exhausted,
+                "budget_exhausted": exhausted_now(conn, pool, result),
                 "as_of_s": max(now_s, pool.last_tick_s),
             }
         )

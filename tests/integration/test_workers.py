@@ -30,6 +30,7 @@ from workers.app import (
     TASK_EXPIRE_HOLDS,
     TASK_INDEX,
     TASK_SEND,
+    TASK_STAKING_TICK,
     make_celery,
 )
 from workers.base import unit_of_work
@@ -69,6 +70,7 @@ def test_configuration_is_explicit() -> None:
         TASK_SEND,
         TASK_EXPIRE_HOLDS,
         TASK_ESCROW_SWEEP,
+        TASK_STAKING_TICK,
     }
 
 

@@ -99,7 +99,7 @@ CREATE TABLE staking_moves (
     pool_id bigint NOT NULL REFERENCES staking_pools (id),
     staker text CHECK (staker ~ {ADDRESS}),
     kind text NOT NULL CHECK (kind IN ('pool_created', 'pool_changed', 'funded', 'staked', 'unstaked',
-        'undone', 'claimed', 'exhausted', 'replenished')),
+        'undone', 'claimed', 'claim_returned', 'exhausted', 'replenished')),
     amount numeric(78, 0) CHECK (amount > 0 AND amount < {UINT256_LIMIT}),
     event_key text,
     actor text NOT NULL,
