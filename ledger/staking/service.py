@@ -832,26 +832,35 @@ def _fraction(bps: int) -> str:
         return str((Decimal(bps) / Decimal(BPS)).quantize(Decimal("0.00000001"), rounding=ROUND_DOWN))
 
 
+_REWARDS_SQL = (
+    "SELECT p.stake, p.snapshot, p.accrued, p.unlock_at_s, s.id, s.name, s.chain_id, s.vault, s.kind,"
+    " s.apr_bps, s.rate_per_s, s.lock_seconds, s.min_stake, s.cap, s.active, s.acc, s.slack, s.total_staked,"
+    " s.last_tick_s, s.tick_seq, s.emitted, s.exhausted_since_s,"
+    " b.credits_posted - b.debits_posted - b.debits_pending AS budget_available,"
+    " r.credits_posted - r.debits_posted - r.debits_pending AS remainder_available"
+    " FROM staking_positions p JOIN staking_pools s ON s.id = p.pool_id"
+    " JOIN ledger_accounts b ON b.code = 'rewards:' || s.id || :budget_suffix"
+    " JOIN ledger_accounts r ON r.code = 'rewards:' || s.id || :remainder_suffix"
+    " WHERE p.staker = :s ORDER BY p.pool_id"
+)
+
+
 def rewards_of(conn: sa.Connection, staker: str, now_s: int) -> list[dict[str, Any]]:
     """A staker's rewards in every pool they hold a position in, to the second ``now_s``,
-    computed without writing (O(1) per pool)."""
+    computed without writing: one statement, O(1) per pool."""
     staker = check_address(staker, "staker")
-    rows = conn.execute(
-        sa.text(
-            "SELECT pool_id, stake, snapshot, accrued, unlock_at_s FROM staking_positions"
-            " WHERE staker = :s ORDER BY pool_id"
-        ),
-        {"s": staker},
-    ).all()
     out = []
-    for r in rows:
-        pool = get_pool(conn, int(r.pool_id))
-        result = virtual_tick(conn, pool, now_s)
+    for r in conn.execute(
+        sa.text(_REWARDS_SQL), {"s": staker, "budget_suffix": ":budget", "remainder_suffix": ":remainder"}
+    ):
+        pool = _pool_from_row(r)
+        budget_available = int(r.budget_available)
+        result = accumulator.tick(pool.state, now_s, budget_available, int(r.remainder_available))
         accrued = accumulator.accrued_at(int(r.stake), int(r.snapshot), int(r.accrued), result.acc)
-        exhausted = exhausted_now(conn, pool, result)
-        apr = _apr_bps(pool)
-        if exhausted or apr is None:
-            apr = 0 if exhausted else apr
+        exhausted = result.exhausted or (
+            pool.exhausted_since_s is not None and budget_available - result.from_budget == 0
+        )
+        apr = 0 if exhausted else _apr_bps(pool)
         out.append(
             {
                 "pool_id": pool.id,

@@ -170,8 +170,12 @@ class StakingMachine(RuleBasedStateMachine):
         self.stakes[staker] -= amount
         _Target.reached.add("unstake")
 
-    @rule(staker=st.sampled_from(STAKERS), part=st.sampled_from(["all", "half", "one"]))
-    def claim(self, staker: str, part: str) -> None:
+    @precondition(lambda self: any(self.stakes.values()))
+    @rule(data=st.data(), part=st.sampled_from(["all", "half", "one"]), anyone=st.booleans())
+    def claim(self, data: st.DataObject, part: str, anyone: bool) -> None:
+        # Often a staker with a stake (who may have earned something), otherwise anyone.
+        holders = [s for s, v in self.stakes.items() if v > 0]
+        staker = data.draw(st.sampled_from(list(STAKERS) if anyone else holders))
         self._model_tick()
         read = [r for r in service.rewards_of(self.conn, staker, self.now) if r["pool_id"] == self.pool_id]
         position = service.settle_position(self.conn, self.pool_id, staker, self.now)
