@@ -29,6 +29,7 @@ from admin_api.resources import (
     ledger_state,
     ops,
     points,
+    staking,
 )
 from ledger.db import make_engine
 from ledger.logs import configure_logging
@@ -108,6 +109,7 @@ def create_app(
         holds.blp,
         escrows.blp,
         points.blp,
+        staking.blp,
         audit_log.blp,
     ):
         api.register_blueprint(blueprint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from eth_utils.crypto import keccak
 from web3 import Web3
 
 from contracts.bindings import ARBITER_ROLE, MINTER_ROLE, Sender, deploy, transact
@@ -10,6 +11,9 @@ from contracts.deployment import Deployment
 TOKEN_NAME = "Trace"  # noqa: S105 - a token name, not a secret
 TOKEN_SYMBOL = "TRACE"  # noqa: S105
 GRACE_SECONDS_DEFAULT = 3 * 86_400
+# The staking vault's roles: the platform mirrors pool settings and compounds rewards with them.
+POOL_MANAGER_ROLE = keccak(text="POOL_MANAGER_ROLE")
+COMPOUNDER_ROLE = keccak(text="COMPOUNDER_ROLE")
 
 
 def deploy_platform(
@@ -21,7 +25,8 @@ def deploy_platform(
     grace_seconds: int = GRACE_SECONDS_DEFAULT,
 ) -> Deployment:
     """Deploy TraceToken, TraceEscrow and TraceStakingVault from ``deployer`` (their admin) and grant
-    the platform's signing key ``signer`` the minter and arbiter roles. The signer's address is the
+    the platform's signing key ``signer`` the minter and arbiter roles, and the vault's pool manager
+    and compounder roles. The signer's address is the
     treasury wallet; ``fee_wallet`` receives escrow fees. Returns the deployment record."""
     deployer_address = deployer if isinstance(deployer, str) else deployer.address
     admin = Web3.to_checksum_address(deployer_address)
@@ -33,6 +38,8 @@ def deploy_platform(
     vault = deploy(w3, "TraceStakingVault", token.address, admin, sender=deployer)
     transact(w3, token.functions.grantRole(MINTER_ROLE, platform), deployer)
     transact(w3, escrow.functions.grantRole(ARBITER_ROLE, platform), deployer)
+    transact(w3, vault.functions.grantRole(POOL_MANAGER_ROLE, platform), deployer)
+    transact(w3, vault.functions.grantRole(COMPOUNDER_ROLE, platform), deployer)
     return Deployment(
         chain_id=int(w3.eth.chain_id),
         start_block=start_block,

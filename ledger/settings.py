@@ -60,6 +60,7 @@ class Settings:
     bls_verifier: str = "blst"
     points_per_trace: Decimal = Decimal(100)
     points_expiry_interval_s: float = 300.0
+    staking_tick_interval_s: float = 60.0
 
     @property
     def deployment_path(self) -> Path:
@@ -182,4 +183,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bls_verifier=_choice(source, "TRACE_BLS_VERIFIER", "blst", ("blst", "milagro", "py_ecc")),
         points_per_trace=_decimal(source, "TRACE_POINTS_PER_TRACE", Decimal(100), Decimal(10**36)),
         points_expiry_interval_s=_float(source, "TRACE_POINTS_EXPIRY_INTERVAL_S", 300.0, 86_400.0),
+        staking_tick_interval_s=_float(source, "TRACE_STAKING_TICK_INTERVAL_S", 60.0, 86_400.0),
     )

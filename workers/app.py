@@ -27,6 +27,7 @@ TASK_EXPIRE_HOLDS = "tracechain.ledger.expire_holds"
 TASK_ESCROW_SWEEP = "tracechain.escrow.sweep"
 TASK_POINTS_INGEST = "tracechain.points.ingest"
 TASK_POINTS_EXPIRE = "tracechain.points.expire"
+TASK_STAKING_TICK = "tracechain.staking.tick"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -55,6 +56,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             TASK_ESCROW_SWEEP: {"queue": QUEUE_LEDGER},
             TASK_POINTS_INGEST: {"queue": QUEUE_LEDGER},
             TASK_POINTS_EXPIRE: {"queue": QUEUE_LEDGER},
+            TASK_STAKING_TICK: {"queue": QUEUE_LEDGER},
         },
         "beat_schedule": beat_schedule(settings),
         "worker_hijack_root_logger": False,
@@ -82,6 +84,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "task": TASK_ESCROW_SWEEP,
             "schedule": timedelta(seconds=settings.escrow_sweep_interval_s),
             "options": {"expires": 30},
+        },
+        "staking-ticks": {
+            "task": TASK_STAKING_TICK,
+            "schedule": timedelta(seconds=settings.staking_tick_interval_s),
+            "options": {"expires": max(1.0, settings.staking_tick_interval_s)},
         },
         "expire-holds": {
             "task": TASK_EXPIRE_HOLDS,

@@ -26,7 +26,7 @@ from contracts.deployment import Deployment
 from ledger import custody, exceptions_queue
 from ledger.commands import ChainRef, Command
 from ledger.engine import post_batch
-from workers import escrow_events, locks
+from workers import escrow_events, locks, staking_events
 
 log = structlog.get_logger(__name__)
 
@@ -207,22 +207,20 @@ class Indexer:
                 ),
                 {"c": self.chain_id, "a": ancestor, "now": now},
             ).all()
-            # The escrows forget what the orphaned events did, before the tokens are reversed.
-            escrow_events.undo_events(
-                conn,
-                self.deployment.escrow,
-                [
-                    _Event(
-                        0,
-                        ChainRef(self.chain_id, r.tx_hash, r.log_index, r.block_number, r.block_hash),
-                        r.contract,
-                        r.event,
-                        r.args,
-                    )
-                    for r in sorted(orphaned, key=lambda r: (r.block_number, r.log_index))
-                    if r.handled
-                ],
-            )
+            # The escrows and stakes forget what the orphaned events did, before the tokens are reversed.
+            undone = [
+                _Event(
+                    0,
+                    ChainRef(self.chain_id, r.tx_hash, r.log_index, r.block_number, r.block_hash),
+                    r.contract,
+                    r.event,
+                    r.args,
+                )
+                for r in sorted(orphaned, key=lambda r: (r.block_number, r.log_index))
+                if r.handled
+            ]
+            escrow_events.undo_events(conn, self.deployment.escrow, undone)
+            staking_events.undo_events(conn, self.deployment.vault, undone)
             report.orphaned += len(orphaned)
             handled_hashes = {r.block_hash for r in orphaned if r.handled}
             reversals = custody.compensations(conn, self.chain_id, handled_hashes)
@@ -461,6 +459,7 @@ class Indexer:
             self._book_transfers(conn, events, transfers, report)
         # Domain events after the transfers they explain, in the same transaction.
         escrow_events.apply_events(conn, self.deployment.escrow, events)
+        staking_events.apply_events(conn, self.deployment.vault, events)
 
     def _book_transfers(
         self, conn: sa.Connection, events: Sequence[_Event], transfers: Sequence[_Event], report: RunReport
@@ -486,6 +485,10 @@ class Indexer:
                 counter = escrow_events.explain_transfer(
                     conn, self.deployment.escrow, transfer, by_tx[event.chain.tx_hash]
                 )
+                if counter is None:
+                    counter = staking_events.explain_transfer(
+                        conn, self.deployment.vault, transfer, by_tx[event.chain.tx_hash]
+                    )
             booking = custody.book_custody_transfer(
                 transfer,
                 custody_set,

@@ -16,7 +16,7 @@ from ledger.points import expiry as points_expiry
 from ledger.points import ingest as points_ingest
 from ledger.posting import Poster
 from workers import app as app_module
-from workers import escrow_saga
+from workers import escrow_saga, staking_saga
 from workers.base import TRANSIENT, TraceTask
 from workers.runtime import Runtime
 
@@ -92,3 +92,10 @@ def register(celery: Celery) -> None:
         if lots:
             log.info("task.points_expire", lots=lots, points=str(total))
         return {"lots": lots, "points": str(total)}
+
+    @celery.task(name=app_module.TASK_STAKING_TICK, base=TraceTask, bind=True, shared=False)
+    def tick_staking_pools(self: TraceTask) -> dict[str, int]:
+        run = staking_saga.tick_all(runtime_of(celery).engine)
+        if run.entries or run.returned:
+            log.info("task.staking_tick", **run.as_dict())
+        return run.as_dict()

@@ -8,6 +8,7 @@ from admin_api.bench.chain import indexer_bench, sender_bench
 from admin_api.bench.escrow import escrow_bench
 from admin_api.bench.ledger import ledger_bench
 from admin_api.bench.points import points_bench
+from admin_api.bench.staking import staking_bench
 
 
 @click.group()
@@ -20,5 +21,6 @@ bench.add_command(indexer_bench)
 bench.add_command(sender_bench)
 bench.add_command(escrow_bench)
 bench.add_command(points_bench)
+bench.add_command(staking_bench)
 
 __all__ = ["bench"]

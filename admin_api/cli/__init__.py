@@ -36,6 +36,7 @@ _SUBCOMMANDS = {
     "deploy": "admin_api.cli.chainops:deploy",
     "escrow": "admin_api.cli.escrows:escrow",
     "points": "admin_api.cli.points:points",
+    "staking": "admin_api.cli.staking:staking",
 }
 _OPTIONAL = frozenset({"bench"})
 

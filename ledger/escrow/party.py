@@ -246,7 +246,45 @@ class OpenDisputeRequest(_SignedRequest):
         return {"escrowId": self.escrow_id, "reason": self.reason, "nonce": self.nonce, "expiry": self.expiry}
 
 
-PartyRequest = CreateEscrowRequest | OpenDisputeRequest
+@dataclass(frozen=True, slots=True)
+class ClaimRewardsRequest(_SignedRequest):
+    """A staker's signed claim of the rewards of pool ``pool_id``, signed under the domain of the
+    staking vault: ``amount`` base units (0: all that has accrued), paid out or, with
+    ``compound``, staked into the staker's own position."""
+
+    PRIMARY_TYPE: ClassVar[str] = "ClaimRewards"
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("poolId", "uint256"),
+        ("amount", "uint256"),
+        ("compound", "bool"),
+        ("nonce", "uint256"),
+        ("expiry", "uint64"),
+    )
+
+    pool_id: int
+    amount: int
+    compound: bool
+    nonce: int
+    expiry: int
+
+    def __post_init__(self) -> None:
+        _check_uint(self.pool_id, 2**63, "poolId", low=1)
+        _check_uint(self.amount, UINT256_LIMIT, "amount")
+        if not isinstance(self.compound, bool):
+            raise InvalidInput("compound must be true or false")
+        self._check_nonce_and_expiry()
+
+    def _message(self) -> dict[str, Any]:
+        return {
+            "poolId": self.pool_id,
+            "amount": self.amount,
+            "compound": self.compound,
+            "nonce": self.nonce,
+            "expiry": self.expiry,
+        }
+
+
+PartyRequest = CreateEscrowRequest | OpenDisputeRequest | ClaimRewardsRequest
 
 
 def _signature_bytes(signature: bytes | str) -> bytes:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from contracts.bindings import DEFAULT_ADMIN_ROLE, deploy
-from tests.chain.conftest import TRACE, Chain
+from contracts.deploy import COMPOUNDER_ROLE, POOL_MANAGER_ROLE
+from tests.chain.conftest import MAX_UINT256, TRACE, Chain
+from tests.chain.test_contract_reentrancy import POOL as HOSTILE_POOL
+from tests.chain.test_contract_reentrancy import STAKED, Hostile, arm, assert_refused_inside, hostile
+
+__all__ = ["hostile"]  # the hostile token's vault, a module fixture shared with the reentrancy tests
 
 POOL = 7
 LOCK_S = 30 * 24 * 3600
@@ -35,11 +40,113 @@ def test_admin_sets_and_changes_pools(chain: Chain) -> None:
 
 
 @pytest.mark.parametrize("who", ["staker", "other"])
-def test_only_the_admin_sets_pools(chain: Chain, who: str) -> None:
+def test_only_a_pool_manager_sets_pools(chain: Chain, who: str) -> None:
     caller = getattr(chain.parties, who)
-    with chain.reverts("AccessControlUnauthorizedAccount", account=caller, neededRole=DEFAULT_ADMIN_ROLE):
+    with chain.reverts("AccessControlUnauthorizedAccount", account=caller, neededRole=POOL_MANAGER_ROLE):
         chain.send(chain.vault.functions.setPool(POOL, LOCK_S, MIN_STAKE, True), caller)
+    with chain.reverts("AccessControlUnauthorizedAccount", account=caller, neededRole=POOL_MANAGER_ROLE):
+        chain.send(chain.vault.functions.configurePool(POOL, LOCK_S, MIN_STAKE, TRACE, True), caller)
     assert chain.vault.functions.pools(POOL).call()[3] is False
+
+
+def test_the_admin_grants_the_pool_manager_role_and_only_the_admin(chain: Chain) -> None:
+    p = chain.parties
+    assert chain.vault.functions.hasRole(POOL_MANAGER_ROLE, p.admin).call() is True
+    with chain.reverts("AccessControlUnauthorizedAccount", account=p.other, neededRole=DEFAULT_ADMIN_ROLE):
+        chain.send(chain.vault.functions.grantRole(POOL_MANAGER_ROLE, p.other), p.other)
+    chain.send(chain.vault.functions.grantRole(POOL_MANAGER_ROLE, p.other), p.admin)
+    chain.send(chain.vault.functions.setPool(POOL, 60, 1, True), p.other)
+    assert chain.vault.functions.pools(POOL).call() == [60, 1, True, True]
+    chain.send(chain.vault.functions.revokeRole(POOL_MANAGER_ROLE, p.other), p.admin)
+    with chain.reverts("AccessControlUnauthorizedAccount", account=p.other, neededRole=POOL_MANAGER_ROLE):
+        chain.send(chain.vault.functions.setPool(POOL, 61, 1, True), p.other)
+
+
+def test_configure_pool_sets_a_cap_that_refuses_later_stakes(chain: Chain) -> None:
+    p = chain.parties
+    receipt = chain.send(chain.vault.functions.configurePool(POOL, 0, 0, 30 * TRACE, True), p.admin)
+    assert [e.args for e in chain.events(receipt, "PoolCapSet")] == [{"poolId": POOL, "cap": 30 * TRACE}]
+    assert chain.events(receipt, "PoolSet")[0].args["active"] is True
+    assert chain.vault.functions.poolCap(POOL).call() == 30 * TRACE
+    chain.send(chain.vault.functions.stake(POOL, 20 * TRACE), p.staker)
+    with chain.reverts("PoolCapExceeded", poolId=POOL, newTotal=30 * TRACE + 1, cap=30 * TRACE):
+        chain.send(chain.vault.functions.stake(POOL, 10 * TRACE + 1), p.other)
+    chain.send(chain.vault.functions.stake(POOL, 10 * TRACE), p.other)
+    # A lower cap keeps the positions above it and lets them leave; zero lifts it.
+    chain.send(chain.vault.functions.configurePool(POOL, 0, 0, TRACE, True), p.admin)
+    chain.send(chain.vault.functions.unstake(POOL, 5 * TRACE), p.other)
+    with chain.reverts("PoolCapExceeded"):
+        chain.send(chain.vault.functions.stake(POOL, 1), p.other)
+    chain.send(chain.vault.functions.configurePool(POOL, 0, 0, 0, True), p.admin)
+    chain.send(chain.vault.functions.stake(POOL, 100 * TRACE), p.other)
+    assert chain.vault.functions.totalStaked(POOL).call() == 125 * TRACE
+
+
+def test_stake_for_takes_the_callers_tokens_into_the_stakers_position(chain: Chain) -> None:
+    p = chain.parties
+    set_pool(chain)
+    chain.send(chain.vault.functions.grantRole(COMPOUNDER_ROLE, p.other), p.admin)
+    chain.send(chain.vault.functions.stake(POOL, MIN_STAKE), p.staker)
+    staker_before, other_before = chain.balance(p.staker), chain.balance(p.other)
+    receipt = chain.send(chain.vault.functions.stakeFor(POOL, p.staker, 3 * TRACE), p.other)
+    [staked] = chain.events(receipt, "Staked")
+    assert staked.args["staker"] == p.staker and staked.args["amount"] == 3 * TRACE
+    assert staked.args["newBalance"] == MIN_STAKE + 3 * TRACE
+    assert position(chain, p.staker)[0] == MIN_STAKE + 3 * TRACE
+    assert position(chain, p.other) == (0, 0)
+    assert chain.balance(p.staker) == staker_before
+    assert chain.balance(p.other) == other_before - 3 * TRACE
+    assert chain.balance(chain.vault.address) == MIN_STAKE + 3 * TRACE
+
+
+@pytest.mark.parametrize("who", ["staker", "other", "admin"])
+def test_only_a_compounder_stakes_for_others(chain: Chain, who: str) -> None:
+    caller = getattr(chain.parties, who)
+    set_pool(chain)
+    with chain.reverts("AccessControlUnauthorizedAccount", account=caller, neededRole=COMPOUNDER_ROLE):
+        chain.send(chain.vault.functions.stakeFor(POOL, chain.parties.buyer, MIN_STAKE), caller)
+    assert position(chain, chain.parties.buyer) == (0, 0)
+
+
+def test_stake_for_keeps_the_pool_rules(chain: Chain) -> None:
+    p = chain.parties
+    chain.send(chain.vault.functions.grantRole(COMPOUNDER_ROLE, p.other), p.admin)
+    with chain.reverts("UnknownPool", poolId=POOL):
+        chain.send(chain.vault.functions.stakeFor(POOL, p.staker, MIN_STAKE), p.other)
+    set_pool(chain, active=False)
+    with chain.reverts("PoolInactive", poolId=POOL):
+        chain.send(chain.vault.functions.stakeFor(POOL, p.staker, MIN_STAKE), p.other)
+    set_pool(chain)
+    with chain.reverts("BelowMinStake", newBalance=MIN_STAKE - 1):
+        chain.send(chain.vault.functions.stakeFor(POOL, p.staker, MIN_STAKE - 1), p.other)
+    with chain.reverts("ZeroAddress"):
+        chain.send(chain.vault.functions.stakeFor(POOL, "0x" + "0" * 40, MIN_STAKE), p.other)
+    with chain.reverts("ZeroAmount"):
+        chain.send(chain.vault.functions.stakeFor(POOL, p.staker, 0), p.other)
+    # Without an allowance the pull fails and nothing is recorded.
+    chain.send(chain.token.functions.approve(chain.vault.address, 0), p.other)
+    with chain.reverts("ERC20InsufficientAllowance"):
+        chain.send(chain.vault.functions.stakeFor(POOL, p.staker, MIN_STAKE), p.other)
+    assert position(chain, p.staker) == (0, 0)
+    chain.send(chain.token.functions.approve(chain.vault.address, MAX_UINT256), p.other)
+    assert chain.balance(chain.vault.address) == 0
+
+
+def test_a_reentrant_unstake_during_a_stake_for_is_refused(chain: Chain, hostile: Hostile) -> None:
+    p = chain.parties
+    v = hostile.vault.functions
+    chain.send(v.grantRole(COMPOUNDER_ROLE, p.buyer), p.admin)
+    arm(chain, hostile, hostile.vault, "unstake", [HOSTILE_POOL, 10_000], bubble=False)
+    chain.send(v.stakeFor(HOSTILE_POOL, p.staker, 1_000), p.buyer)
+    assert_refused_inside(chain, hostile, attempts=1)
+    assert v.positions(HOSTILE_POOL, p.staker).call()[0] == STAKED + 1_000
+    assert (
+        hostile.token.functions.balanceOf(hostile.vault.address).call() == v.totalStaked(HOSTILE_POOL).call()
+    )
+    arm(chain, hostile, hostile.vault, "unstake", [HOSTILE_POOL, 10_000], bubble=True)
+    with chain.reverts("ReentrancyGuardReentrantCall"):
+        chain.send(v.stakeFor(HOSTILE_POOL, p.staker, 1_000), p.buyer)
+    assert v.positions(HOSTILE_POOL, p.staker).call()[0] == STAKED + 1_000
 
 
 def test_stake_records_the_position_and_its_unlock_time(chain: Chain) -> None:

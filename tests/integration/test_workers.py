@@ -32,6 +32,7 @@ from workers.app import (
     TASK_POINTS_EXPIRE,
     TASK_POINTS_INGEST,
     TASK_SEND,
+    TASK_STAKING_TICK,
     make_celery,
 )
 from workers.base import unit_of_work
@@ -73,6 +74,7 @@ def test_configuration_is_explicit() -> None:
         TASK_EXPIRE_HOLDS,
         TASK_ESCROW_SWEEP,
         TASK_POINTS_EXPIRE,
+        TASK_STAKING_TICK,
     }
 
 
