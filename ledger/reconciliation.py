@@ -711,3 +711,46 @@ def summary_csv(run: Mapping[str, Any]) -> str:
         writer.writerow((f"drift:{address}", balance["drift"]))
     writer.writerow(("drift:minted", run["minted"]["drift"]))
     return out.getvalue()
+
+
+def open_exceptions_report(conn: sa.Connection, limit: int = 10_000) -> list[dict[str, Any]]:
+    """The open exceptions queue, oldest first, each with its age in seconds."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT id, key, kind, chain_id, tx_hash, log_index, entry_key, details, created_at,"
+            " EXTRACT(EPOCH FROM now() - created_at)::bigint AS age_s"
+            " FROM finance_exceptions WHERE status = 'open' ORDER BY id LIMIT :limit"
+        ),
+        {"limit": limit},
+    ).all()
+    return [
+        {
+            "id": int(r.id),
+            "key": r.key,
+            "kind": r.kind,
+            "chain_id": r.chain_id,
+            "tx_hash": r.tx_hash,
+            "log_index": r.log_index,
+            "entry_key": r.entry_key,
+            "details": r.details,
+            "created_at": r.created_at.isoformat(),
+            "age_s": int(r.age_s),
+        }
+        for r in rows
+    ]
+
+
+def exceptions_csv(exceptions: Iterable[Mapping[str, Any]]) -> str:
+    """Open exceptions as CSV (details as compact JSON)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    columns = ("id", "kind", "key", "tx_hash", "log_index", "entry_key", "created_at", "age_s")
+    writer.writerow((*columns, "details"))
+    for e in exceptions:
+        writer.writerow(
+            (
+                *("" if e.get(c) is None else e.get(c) for c in columns),
+                json.dumps(e.get("details") or {}, sort_keys=True, separators=(",", ":")),
+            )
+        )
+    return out.getvalue()

@@ -57,6 +57,8 @@ class Settings:
     escrow_fee_bps: int = 250
     escrow_sweep_interval_s: float = 30.0
     bls_verifier: str = "blst"
+    reconcile_interval_s: float = 300.0
+    reconcile_unseen_within_s: float = 3600.0
 
     @property
     def deployment_path(self) -> Path:
@@ -162,4 +164,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         escrow_fee_bps=_int(source, "TRACE_ESCROW_FEE_BPS", 250, 0, 10_000),
         escrow_sweep_interval_s=_float(source, "TRACE_ESCROW_SWEEP_INTERVAL_S", 30.0, 86_400.0),
         bls_verifier=_choice(source, "TRACE_BLS_VERIFIER", "blst", ("blst", "milagro", "py_ecc")),
+        reconcile_interval_s=_float(source, "TRACE_RECONCILE_INTERVAL_S", 300.0, 86_400.0),
+        reconcile_unseen_within_s=_float(source, "TRACE_RECONCILE_UNSEEN_WITHIN_S", 3600.0, 30 * 86_400.0),
     )

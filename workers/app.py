@@ -25,6 +25,7 @@ TASK_INDEX = "tracechain.chain.index"
 TASK_SEND = "tracechain.chain.send"
 TASK_EXPIRE_HOLDS = "tracechain.ledger.expire_holds"
 TASK_ESCROW_SWEEP = "tracechain.escrow.sweep"
+TASK_RECONCILE = "tracechain.reconcile.run"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -51,6 +52,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             TASK_SEND: {"queue": QUEUE_CHAIN_SEND},
             TASK_EXPIRE_HOLDS: {"queue": QUEUE_LEDGER},
             TASK_ESCROW_SWEEP: {"queue": QUEUE_LEDGER},
+            TASK_RECONCILE: {"queue": QUEUE_CHAIN},
         },
         "beat_schedule": beat_schedule(settings),
         "worker_hijack_root_logger": False,
@@ -83,6 +85,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "task": TASK_EXPIRE_HOLDS,
             "schedule": timedelta(seconds=60),
             "options": {"expires": 60},
+        },
+        "reconcile": {
+            "task": TASK_RECONCILE,
+            "schedule": timedelta(seconds=settings.reconcile_interval_s),
+            "options": {"expires": max(1.0, settings.reconcile_interval_s)},
         },
     }
 

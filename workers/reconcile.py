@@ -75,6 +75,34 @@ def reconcile(
             )
 
 
+def scheduled(
+    engine: sa.Engine, w3: Web3, deployment: Deployment, *, unseen_within_s: float = 3600.0
+) -> RunReport | None:
+    """The beat's run: the blocks handled since the last scheduled run (all of them the first
+    time); None when no new block has been handled since."""
+    with engine.connect() as conn:
+        handled = conn.execute(
+            sa.text("SELECT handled_block FROM chain_cursors WHERE chain_id = :c"), {"c": deployment.chain_id}
+        ).scalar_one_or_none()
+        last = conn.execute(
+            sa.text("SELECT max(to_block) FROM recon_runs WHERE chain_id = :c AND trigger = 'schedule'"),
+            {"c": deployment.chain_id},
+        ).scalar_one()
+    start = deployment.start_block if last is None else max(deployment.start_block, int(last) + 1)
+    if handled is None or int(handled) < start:
+        return None
+    return reconcile(
+        engine,
+        w3,
+        deployment,
+        from_block=start,
+        to_block=int(handled),
+        trigger="schedule",
+        requested_by="beat",
+        unseen_within_s=unseen_within_s,
+    )
+
+
 def reserves(engine: sa.Engine, w3: Web3, deployment: Deployment, block: int | None = None) -> dict[str, Any]:
     """The proof-of-reserves statement at ``block`` (default: the last block the books have followed)."""
     balance_of = balance_reader(w3, deployment.token)

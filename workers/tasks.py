@@ -15,6 +15,7 @@ from ledger.expiry import expire_holds
 from ledger.posting import Poster
 from workers import app as app_module
 from workers import escrow_saga
+from workers import reconcile as reconcile_module
 from workers.base import TraceTask
 from workers.runtime import Runtime
 
@@ -61,3 +62,18 @@ def register(celery: Celery) -> None:
         if report.expired or report.returned:
             log.info("task.escrow_sweep", **report.as_dict())
         return report.as_dict()
+
+    @celery.task(name=app_module.TASK_RECONCILE, base=TraceTask, bind=True, shared=False)
+    def reconcile(self: TraceTask) -> dict[str, Any] | None:
+        runtime = runtime_of(celery)
+        report = reconcile_module.scheduled(
+            runtime.engine,
+            runtime.w3,
+            runtime.deployment,
+            unseen_within_s=runtime.settings.reconcile_unseen_within_s,
+        )
+        if report is None:
+            return None
+        summary = {k: v for k, v in report.as_dict().items() if k not in ("breaks", "balances")}
+        (log.info if report.ok else log.warning)("task.reconcile", **summary)
+        return summary

@@ -35,6 +35,7 @@ _SUBCOMMANDS = {
     "beat": "admin_api.cli.chainops:beat",
     "deploy": "admin_api.cli.chainops:deploy",
     "escrow": "admin_api.cli.escrows:escrow",
+    "reconcile": "admin_api.cli.reconcile:reconcile",
 }
 _OPTIONAL = frozenset({"bench"})
 

@@ -29,6 +29,7 @@ from workers.app import (
     TASK_ESCROW_SWEEP,
     TASK_EXPIRE_HOLDS,
     TASK_INDEX,
+    TASK_RECONCILE,
     TASK_SEND,
     make_celery,
 )
@@ -69,6 +70,7 @@ def test_configuration_is_explicit() -> None:
         TASK_SEND,
         TASK_EXPIRE_HOLDS,
         TASK_ESCROW_SWEEP,
+        TASK_RECONCILE,
     }
 
 
