@@ -28,6 +28,7 @@ from admin_api.resources import (
     holds,
     ledger_state,
     ops,
+    reconciliation,
 )
 from ledger.db import make_engine
 from ledger.logs import configure_logging
@@ -107,6 +108,7 @@ def create_app(
         holds.blp,
         escrows.blp,
         audit_log.blp,
+        reconciliation.blp,
     ):
         api.register_blueprint(blueprint)
     app.before_request(_start_request)
