@@ -24,6 +24,7 @@ from admin_api.resources import (
     audit_log,
     entries,
     escrows,
+    exceptions,
     history,
     holds,
     ledger_state,
@@ -109,6 +110,7 @@ def create_app(
         escrows.blp,
         audit_log.blp,
         reconciliation.blp,
+        exceptions.blp,
     ):
         api.register_blueprint(blueprint)
     app.before_request(_start_request)

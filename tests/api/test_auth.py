@@ -67,6 +67,14 @@ EXPECTED_ROLES: dict[tuple[str, str], tuple[str | None, ...]] = {
     ("get", "/reconciliation/runs"): ("admin", "finance", "auditor"),
     ("get", "/reconciliation/runs/{run_id}"): ("admin", "finance", "auditor"),
     ("get", "/reconciliation/reserves"): ("admin", "finance", "auditor"),
+    ("get", "/exceptions"): ("admin", "finance", "auditor", "operator"),
+    ("get", "/exceptions/{exception_id}"): ("admin", "finance", "auditor", "operator"),
+    ("post", "/exceptions/{exception_id}/assign"): ("admin", "finance"),
+    ("post", "/exceptions/{exception_id}/notes"): ("admin", "finance"),
+    ("post", "/exceptions/{exception_id}/match"): ("admin", "finance"),
+    ("post", "/exceptions/{exception_id}/writeoffs"): ("admin", "finance"),
+    ("post", "/writeoffs/{writeoff_id}/approve"): ("admin", "finance"),
+    ("post", "/writeoffs/{writeoff_id}/reject"): ("admin", "finance"),
 }
 # Routes that read the chain: without a deployment record and a node (as here) they answer 503,
 # which says the service is not set up, not that the caller may not ask.
@@ -79,6 +87,8 @@ PATH_VALUES = {
     "attestor_id": "999999",
     "resolution_id": "999999",
     "run_id": "999999",
+    "exception_id": "999999",
+    "writeoff_id": "999999",
 }
 HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
 

@@ -76,6 +76,108 @@ CREATE TRIGGER recon_runs_no_truncate BEFORE TRUNCATE ON recon_runs
 CREATE TRIGGER recon_breaks_no_truncate BEFORE TRUNCATE ON recon_breaks
     FOR EACH STATEMENT EXECUTE FUNCTION ledger_reject_change();
 
+-- The exceptions queue's work: who has a break, what was said about it, how it was resolved.
+-- A manual match says why the books and the chain agree after all; a write-off is an entry one
+-- finance user proposes and another approves (maker-checker), booked when approved.
+ALTER TABLE finance_exceptions
+    ADD COLUMN assignee text CHECK (length(assignee) BETWEEN 1 AND 200),
+    ADD COLUMN resolution text CHECK (resolution IN ('manual_match', 'write_off')),
+    ADD COLUMN resolved_by text CHECK (length(resolved_by) BETWEEN 1 AND 200),
+    ADD COLUMN resolved_at timestamptz,
+    ADD COLUMN resolution_note text CHECK (length(resolution_note) BETWEEN 1 AND 4000),
+    ADD COLUMN resolution_entry_key text,
+    ADD CONSTRAINT resolved_whole CHECK (
+        (status = 'resolved' AND resolution IS NOT NULL AND resolved_by IS NOT NULL AND resolved_at IS NOT NULL
+         AND resolution_note IS NOT NULL)
+        OR (status = 'open' AND resolution IS NULL AND resolved_by IS NULL AND resolved_at IS NULL
+            AND resolution_note IS NULL AND resolution_entry_key IS NULL)),
+    ADD CONSTRAINT write_off_names_its_entry CHECK (
+        (resolution = 'write_off') = (resolution_entry_key IS NOT NULL) OR resolution IS NULL);
+
+CREATE TABLE finance_exception_notes (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    exception_id bigint NOT NULL REFERENCES finance_exceptions (id),
+    author text NOT NULL CHECK (length(author) BETWEEN 1 AND 200),
+    note text NOT NULL CHECK (length(note) BETWEEN 1 AND 4000),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX finance_exception_notes_exception ON finance_exception_notes (exception_id, id);
+
+CREATE TABLE finance_writeoffs (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    exception_id bigint NOT NULL REFERENCES finance_exceptions (id),
+    debit text NOT NULL,
+    credit text NOT NULL CHECK (credit <> debit),
+    asset text NOT NULL,
+    amount numeric(78, 0) NOT NULL CHECK (amount > 0 AND amount < {UINT256_LIMIT}),
+    reason text NOT NULL CHECK (length(reason) BETWEEN 1 AND 4000),
+    proposed_by text NOT NULL CHECK (length(proposed_by) BETWEEN 1 AND 200),
+    proposed_at timestamptz NOT NULL DEFAULT now(),
+    status text NOT NULL DEFAULT 'proposed' CHECK (status IN ('proposed', 'approved', 'rejected')),
+    decided_by text CHECK (length(decided_by) BETWEEN 1 AND 200),
+    decided_at timestamptz,
+    entry_key text UNIQUE,
+    -- Four eyes: the person who decides is never the person who proposed.
+    CONSTRAINT four_eyes CHECK (decided_by <> proposed_by),
+    CONSTRAINT decided_whole CHECK ((status = 'proposed') = (decided_by IS NULL AND decided_at IS NULL)),
+    CONSTRAINT approved_books_an_entry CHECK ((status = 'approved') = (entry_key IS NOT NULL))
+);
+-- One proposal at a time per exception.
+CREATE UNIQUE INDEX finance_writeoffs_one_open ON finance_writeoffs (exception_id) WHERE status = 'proposed';
+
+-- A resolved exception stays resolved as it was; a decided write-off stays decided; notes are kept.
+CREATE FUNCTION finance_exceptions_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.status = 'resolved' THEN
+        RAISE EXCEPTION 'exception % is resolved; it cannot change', OLD.key
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.resolution = 'write_off' AND NOT EXISTS (
+        SELECT 1 FROM finance_writeoffs w
+         WHERE w.exception_id = NEW.id AND w.status = 'approved' AND w.entry_key = NEW.resolution_entry_key) THEN
+        RAISE EXCEPTION 'exception % : a write-off resolution needs its approved write-off', OLD.key
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER finance_exceptions_guard BEFORE UPDATE ON finance_exceptions
+    FOR EACH ROW EXECUTE FUNCTION finance_exceptions_guard();
+CREATE TRIGGER finance_exceptions_no_delete BEFORE DELETE ON finance_exceptions
+    FOR EACH ROW EXECUTE FUNCTION ledger_reject_change();
+CREATE TRIGGER finance_exceptions_no_truncate BEFORE TRUNCATE ON finance_exceptions
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_reject_change();
+
+CREATE FUNCTION finance_writeoffs_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.status <> 'proposed' THEN
+        RAISE EXCEPTION 'write-off % is %; it cannot change', OLD.id, OLD.status
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF (NEW.exception_id, NEW.debit, NEW.credit, NEW.asset, NEW.amount, NEW.reason, NEW.proposed_by,
+        NEW.proposed_at) IS DISTINCT FROM
+       (OLD.exception_id, OLD.debit, OLD.credit, OLD.asset, OLD.amount, OLD.reason, OLD.proposed_by,
+        OLD.proposed_at) THEN
+        RAISE EXCEPTION 'write-off %: what was proposed cannot be edited', OLD.id
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.status = 'approved' AND NOT EXISTS (
+        SELECT 1 FROM ledger_entries e WHERE e.idempotency_key = NEW.entry_key) THEN
+        RAISE EXCEPTION 'write-off %: approved without its ledger entry', OLD.id
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER finance_writeoffs_guard BEFORE UPDATE ON finance_writeoffs
+    FOR EACH ROW EXECUTE FUNCTION finance_writeoffs_guard();
+CREATE TRIGGER finance_writeoffs_no_delete BEFORE DELETE ON finance_writeoffs
+    FOR EACH ROW EXECUTE FUNCTION ledger_reject_change();
+CREATE TRIGGER finance_writeoffs_no_truncate BEFORE TRUNCATE ON finance_writeoffs
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_reject_change();
+CREATE TRIGGER finance_exception_notes_append_only BEFORE UPDATE OR DELETE ON finance_exception_notes
+    FOR EACH ROW EXECUTE FUNCTION ledger_reject_change();
+CREATE TRIGGER finance_exception_notes_no_truncate BEFORE TRUNCATE ON finance_exception_notes
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_reject_change();
+
 -- The ledger side of the transfer-level match reads custody bookings by block.
 CREATE INDEX ledger_entries_chain_number ON ledger_entries (chain_id, block_number)
     WHERE chain_id IS NOT NULL;
@@ -84,7 +186,10 @@ CREATE INDEX ledger_entries_chain_number ON ledger_entries (chain_id, block_numb
 
 def _grants(role: str) -> str:
     return f"""
-GRANT SELECT, INSERT ON recon_runs, recon_breaks TO "{role}";
+GRANT SELECT, INSERT ON recon_runs, recon_breaks, finance_exception_notes, finance_writeoffs TO "{role}";
+GRANT UPDATE (assignee, resolution, resolved_by, resolved_at, resolution_note, resolution_entry_key)
+    ON finance_exceptions TO "{role}";
+GRANT UPDATE (status, decided_by, decided_at, entry_key) ON finance_writeoffs TO "{role}";
 """
 
 
