@@ -36,6 +36,7 @@ _SUBCOMMANDS = {
     "deploy": "admin_api.cli.chainops:deploy",
     "escrow": "admin_api.cli.escrows:escrow",
     "reconcile": "admin_api.cli.reconcile:reconcile",
+    "exceptions": "admin_api.cli.exceptions:exceptions",
 }
 _OPTIONAL = frozenset({"bench"})
 
