@@ -7,6 +7,7 @@ import click
 from admin_api.bench.chain import indexer_bench, sender_bench
 from admin_api.bench.escrow import escrow_bench
 from admin_api.bench.ledger import ledger_bench
+from admin_api.bench.reconcile import reconcile_bench
 
 
 @click.group()
@@ -18,5 +19,6 @@ bench.add_command(ledger_bench)
 bench.add_command(indexer_bench)
 bench.add_command(sender_bench)
 bench.add_command(escrow_bench)
+bench.add_command(reconcile_bench)
 
 __all__ = ["bench"]
