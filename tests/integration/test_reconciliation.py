@@ -408,3 +408,27 @@ def test_the_unseen_window_spares_a_recent_chain_action(world: World) -> None:
     late = world.reconcile(unseen_within_s=0.0)
     assert [(b.cls, b.entry_key) for b in late.breaks] == [("ledger_only", "fresh")]
     assert timedelta(0) <= late.finished_at - late.started_at
+
+
+def test_the_scheduled_run_covers_only_newly_handled_blocks(world: World) -> None:
+    w = world
+    assert recon_worker.scheduled(w.engine, w.w3, w.deployment) is None  # nothing handled yet
+    _traffic(w)
+    first = recon_worker.scheduled(w.engine, w.w3, w.deployment)
+    assert first is not None
+    assert (first.trigger, first.requested_by) == ("schedule", "beat")
+    assert first.scope.from_block == w.deployment.start_block
+    assert first.counts["matched"] == 4
+    # No new block handled: no run.
+    assert recon_worker.scheduled(w.engine, w.w3, w.deployment) is None
+    w.send(w.users[0], w.deployment.vault, 2 * TRACE)
+    w.index()
+    second = recon_worker.scheduled(w.engine, w.w3, w.deployment)
+    assert second is not None
+    assert second.scope.from_block == first.scope.to_block + 1
+    assert second.counts["matched"] == 1
+    assert second.ok
+    # An on-demand run in between does not move the scheduled window.
+    w.reconcile()
+    assert recon_worker.scheduled(w.engine, w.w3, w.deployment) is None
+    assert w.count("recon_runs") == 3
