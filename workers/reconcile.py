@@ -7,6 +7,8 @@ same block.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -45,6 +47,15 @@ def _custody_roles(deployment: Deployment) -> dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def _snapshot(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """One REPEATABLE READ transaction: every read of a run sees the same books."""
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            yield conn
+
+
 def reconcile(
     engine: sa.Engine,
     w3: Web3,
@@ -58,21 +69,19 @@ def reconcile(
 ) -> RunReport:
     """One stored run over the confirmed range (by default everything the indexer has handled)."""
     balance_of = balance_reader(w3, deployment.token)
-    with engine.connect() as conn:
-        conn.execution_options(isolation_level="REPEATABLE READ")
-        with conn.begin():
-            lo, hi = reconciliation.confirmed_range(
-                conn, deployment.chain_id, deployment.start_block, from_block=from_block, to_block=to_block
-            )
-            scope = reconciliation.Scope(deployment.chain_id, deployment.token, deployment.custody, lo, hi)
-            return reconciliation.run(
-                conn,
-                scope,
-                balance_of,
-                trigger=trigger,
-                requested_by=requested_by,
-                unseen_within=timedelta(seconds=unseen_within_s),
-            )
+    with _snapshot(engine) as conn:
+        lo, hi = reconciliation.confirmed_range(
+            conn, deployment.chain_id, deployment.start_block, from_block=from_block, to_block=to_block
+        )
+        scope = reconciliation.Scope(deployment.chain_id, deployment.token, deployment.custody, lo, hi)
+        return reconciliation.run(
+            conn,
+            scope,
+            balance_of,
+            trigger=trigger,
+            requested_by=requested_by,
+            unseen_within=timedelta(seconds=unseen_within_s),
+        )
 
 
 def scheduled(
@@ -106,12 +115,10 @@ def scheduled(
 def reserves(engine: sa.Engine, w3: Web3, deployment: Deployment, block: int | None = None) -> dict[str, Any]:
     """The proof-of-reserves statement at ``block`` (default: the last block the books have followed)."""
     balance_of = balance_reader(w3, deployment.token)
-    with engine.connect() as conn:
-        conn.execution_options(isolation_level="REPEATABLE READ")
-        with conn.begin():
-            _, hi = reconciliation.confirmed_range(
-                conn, deployment.chain_id, deployment.start_block, from_block=None, to_block=block
-            )
-            return reconciliation.proof_of_reserves(
-                conn, deployment.chain_id, _custody_roles(deployment), hi, balance_of
-            )
+    with _snapshot(engine) as conn:
+        _, hi = reconciliation.confirmed_range(
+            conn, deployment.chain_id, deployment.start_block, from_block=None, to_block=block
+        )
+        return reconciliation.proof_of_reserves(
+            conn, deployment.chain_id, _custody_roles(deployment), hi, balance_of
+        )

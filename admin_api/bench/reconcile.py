@@ -26,7 +26,6 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,7 +36,8 @@ from eth_utils.crypto import keccak
 from rich.console import Console
 from rich.table import Table
 
-from admin_api.bench.ledger import BenchError, BenchProgress, scratch_database, shielded_from_interrupts
+from admin_api.bench.chain import database_server
+from admin_api.bench.ledger import BenchError, BenchProgress, scratch_database
 from ledger import custody, db, reconciliation
 from ledger.accounts import create_account
 from ledger.commands import ChainRef, Leg, NewEntry
@@ -288,27 +288,11 @@ class ReconcileReport:
         }
 
 
-@contextlib.contextmanager
-def _server() -> Iterator[str]:
-    settings = load_settings()
-    if settings.database_url is not None:
-        yield settings.database_url
-        return
-    from admin_api.embedded import start_postgres
-
-    service = start_postgres(settings.data_dir)
-    try:
-        yield service.url
-    finally:
-        with shielded_from_interrupts():
-            service.stop()
-
-
 def run_reconcile_bench(count: int, name: str, progress: BenchProgress) -> ReconcileReport:
     settings = load_settings()
     rng = random.Random(SEED)  # noqa: S311 - a reproducible data set, not a secret
     with contextlib.ExitStack() as stack:
-        server = stack.enter_context(_server())
+        server = stack.enter_context(database_server(settings))
         url = stack.enter_context(scratch_database(server))
         progress.step("Migrating the scratch database", lambda: db.upgrade(url, role=settings.db_role))
         engine = db.make_engine(url, role=settings.db_role, pool_size=2)

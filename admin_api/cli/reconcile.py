@@ -9,27 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from web3 import Web3
 
-from admin_api.cli.runtime import BadUsage, Failed, app_engine, cli_actor, emit
+from admin_api.cli.runtime import Failed, app_engine, chain_node, cli_actor, emit, load_deployment
 from contracts.client import ProviderError
-from contracts.deployment import Deployment, DeploymentError
 from ledger import reconciliation
 from ledger.settings import Settings
 from workers import reconcile as recon
-
-
-def _deployment(settings: Settings) -> Deployment:
-    try:
-        return Deployment.load(settings.deployment_path)
-    except DeploymentError as exc:
-        raise Failed(str(exc)) from exc
-
-
-def _w3(settings: Settings) -> Web3:
-    if not settings.rpc_url:
-        raise BadUsage("TRACE_RPC_URL is not set (the chain's JSON-RPC URL)")
-    return Web3(Web3.HTTPProvider(settings.rpc_url, request_kwargs={"timeout": 30}))
 
 
 @click.group("reconcile", invoke_without_command=True)
@@ -50,8 +35,8 @@ def reconcile(ctx: click.Context, from_block: int | None, to_block: int | None) 
             )
         return
     settings: Settings = ctx.obj
-    deployment = _deployment(settings)
-    w3 = _w3(settings)
+    deployment = load_deployment(settings)
+    w3 = chain_node(settings)
     with app_engine(settings, pool_size=1) as engine:
         try:
             report = recon.reconcile(
@@ -105,8 +90,8 @@ def report(settings: Settings, run_id: int | None, fmt: str, part: str) -> None:
 def reserves(settings: Settings, at_block: int | None) -> None:
     """Print the proof of reserves: per custody address, what the books owe out of it against what
     it holds on chain at the block. Exit 1 when an address does not cover its liabilities."""
-    deployment = _deployment(settings)
-    w3 = _w3(settings)
+    deployment = load_deployment(settings)
+    w3 = chain_node(settings)
     with app_engine(settings, pool_size=1) as engine:
         try:
             statement: dict[str, Any] = recon.reserves(engine, w3, deployment, at_block)
