@@ -24,11 +24,13 @@ from admin_api.resources import (
     audit_log,
     entries,
     escrows,
+    exceptions,
     history,
     holds,
     ledger_state,
     ops,
     points,
+    reconciliation,
     staking,
 )
 from ledger.db import make_engine
@@ -111,6 +113,8 @@ def create_app(
         points.blp,
         staking.blp,
         audit_log.blp,
+        reconciliation.blp,
+        exceptions.blp,
     ):
         api.register_blueprint(blueprint)
     app.before_request(_start_request)

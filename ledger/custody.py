@@ -45,6 +45,12 @@ def mirror_code(chain_id: int, address: str) -> str:
     return f"chain:{chain_id}:{check_address(address)}"
 
 
+def minted_code(chain_id: int) -> str:
+    """The equity account credited with every TRACE minted to a claimant on ``chain_id`` (what
+    reconciliation compares with the chain's mints)."""
+    return f"minted:{chain_id}"
+
+
 def suspense_code(chain_id: int) -> str:
     """Where unexplained custody movements wait for finance to explain them."""
     return f"suspense:chain:{chain_id}"

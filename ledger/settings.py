@@ -61,6 +61,8 @@ class Settings:
     points_per_trace: Decimal = Decimal(100)
     points_expiry_interval_s: float = 300.0
     staking_tick_interval_s: float = 60.0
+    reconcile_interval_s: float = 300.0
+    reconcile_unseen_within_s: float = 3600.0
 
     @property
     def deployment_path(self) -> Path:
@@ -184,4 +186,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         points_per_trace=_decimal(source, "TRACE_POINTS_PER_TRACE", Decimal(100), Decimal(10**36)),
         points_expiry_interval_s=_float(source, "TRACE_POINTS_EXPIRY_INTERVAL_S", 300.0, 86_400.0),
         staking_tick_interval_s=_float(source, "TRACE_STAKING_TICK_INTERVAL_S", 60.0, 86_400.0),
+        reconcile_interval_s=_float(source, "TRACE_RECONCILE_INTERVAL_S", 300.0, 86_400.0),
+        reconcile_unseen_within_s=_float(source, "TRACE_RECONCILE_UNSEEN_WITHIN_S", 3600.0, 30 * 86_400.0),
     )

@@ -28,6 +28,7 @@ TASK_ESCROW_SWEEP = "tracechain.escrow.sweep"
 TASK_POINTS_INGEST = "tracechain.points.ingest"
 TASK_POINTS_EXPIRE = "tracechain.points.expire"
 TASK_STAKING_TICK = "tracechain.staking.tick"
+TASK_RECONCILE = "tracechain.reconcile.run"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -57,6 +58,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             TASK_POINTS_INGEST: {"queue": QUEUE_LEDGER},
             TASK_POINTS_EXPIRE: {"queue": QUEUE_LEDGER},
             TASK_STAKING_TICK: {"queue": QUEUE_LEDGER},
+            TASK_RECONCILE: {"queue": QUEUE_CHAIN},
         },
         "beat_schedule": beat_schedule(settings),
         "worker_hijack_root_logger": False,
@@ -99,6 +101,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "task": TASK_POINTS_EXPIRE,
             "schedule": timedelta(seconds=settings.points_expiry_interval_s),
             "options": {"expires": max(1.0, settings.points_expiry_interval_s)},
+        },
+        "reconcile": {
+            "task": TASK_RECONCILE,
+            "schedule": timedelta(seconds=settings.reconcile_interval_s),
+            "options": {"expires": max(1.0, settings.reconcile_interval_s)},
         },
     }
 

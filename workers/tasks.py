@@ -17,6 +17,7 @@ from ledger.points import ingest as points_ingest
 from ledger.posting import Poster
 from workers import app as app_module
 from workers import escrow_saga, staking_saga
+from workers import reconcile as reconcile_module
 from workers.base import TRANSIENT, TraceTask
 from workers.runtime import Runtime
 
@@ -99,3 +100,18 @@ def register(celery: Celery) -> None:
         if run.entries or run.returned:
             log.info("task.staking_tick", **run.as_dict())
         return run.as_dict()
+
+    @celery.task(name=app_module.TASK_RECONCILE, base=TraceTask, bind=True, shared=False)
+    def reconcile(self: TraceTask) -> dict[str, Any] | None:
+        runtime = runtime_of(celery)
+        report = reconcile_module.scheduled(
+            runtime.engine,
+            runtime.w3,
+            runtime.deployment,
+            unseen_within_s=runtime.settings.reconcile_unseen_within_s,
+        )
+        if report is None:
+            return None
+        summary = {k: v for k, v in report.as_dict().items() if k not in ("breaks", "balances")}
+        (log.info if report.ok else log.warning)("task.reconcile", **summary)
+        return summary

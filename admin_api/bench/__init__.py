@@ -8,6 +8,7 @@ from admin_api.bench.chain import indexer_bench, sender_bench
 from admin_api.bench.escrow import escrow_bench
 from admin_api.bench.ledger import ledger_bench
 from admin_api.bench.points import points_bench
+from admin_api.bench.reconcile import reconcile_bench
 from admin_api.bench.staking import staking_bench
 
 
@@ -22,5 +23,6 @@ bench.add_command(sender_bench)
 bench.add_command(escrow_bench)
 bench.add_command(points_bench)
 bench.add_command(staking_bench)
+bench.add_command(reconcile_bench)
 
 __all__ = ["bench"]

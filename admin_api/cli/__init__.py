@@ -37,6 +37,8 @@ _SUBCOMMANDS = {
     "escrow": "admin_api.cli.escrows:escrow",
     "points": "admin_api.cli.points:points",
     "staking": "admin_api.cli.staking:staking",
+    "reconcile": "admin_api.cli.reconcile:reconcile",
+    "exceptions": "admin_api.cli.exceptions:exceptions",
 }
 _OPTIONAL = frozenset({"bench"})
 

@@ -10,30 +10,15 @@ from types import FrameType
 from typing import Any
 
 import click
-from web3 import Web3
 
-from admin_api.cli.runtime import BadUsage, Failed, app_engine, emit
+from admin_api.cli.runtime import BadUsage, Failed, app_engine, chain_node, emit, load_deployment
 from contracts.client import ProviderError
-from contracts.deployment import Deployment, DeploymentError
 from ledger.settings import Settings
 from workers.app import QUEUE_CHAIN, QUEUE_CHAIN_SEND, QUEUE_LEDGER
 from workers.indexer import run_forever as index_forever
 from workers.keys import SigningKeyError, load_signer
 from workers.runtime import build_indexer, build_sender
 from workers.sender import run_forever as send_forever
-
-
-def _deployment(settings: Settings) -> Deployment:
-    try:
-        return Deployment.load(settings.deployment_path)
-    except DeploymentError as exc:
-        raise Failed(str(exc)) from exc
-
-
-def _w3(settings: Settings) -> Web3:
-    if not settings.rpc_url:
-        raise BadUsage("TRACE_RPC_URL is not set (the chain's JSON-RPC URL)")
-    return Web3(Web3.HTTPProvider(settings.rpc_url, request_kwargs={"timeout": 30}))
 
 
 def _once_or_forever(
@@ -70,8 +55,8 @@ def _stop_flag() -> threading.Event:
 @click.pass_obj
 def index(settings: Settings, once: bool) -> None:
     """Index the deployment's logs into the database; prints the JSON report of each pass with --once."""
-    deployment = _deployment(settings)
-    w3 = _w3(settings)
+    deployment = load_deployment(settings)
+    w3 = chain_node(settings)
     with app_engine(settings, pool_size=3) as engine:
         indexer = build_indexer(settings, engine, w3, deployment)
         _once_or_forever(indexer.run_once, index_forever, indexer, settings.indexer_interval_s, once)
@@ -82,8 +67,8 @@ def index(settings: Settings, once: bool) -> None:
 @click.pass_obj
 def send(settings: Settings, once: bool) -> None:
     """Send the outbox of the signing key (TRACE_SIGNER_KEY or keystore) to the chain."""
-    deployment = _deployment(settings)
-    w3 = _w3(settings)
+    deployment = load_deployment(settings)
+    w3 = chain_node(settings)
     try:
         account = load_signer(settings)
     except SigningKeyError as exc:
@@ -150,10 +135,10 @@ def deploy(settings: Settings, grace_seconds: int, force: bool) -> None:
     from contracts.deploy import deploy_platform, is_live
     from workers.keys import load_deployer
 
-    w3 = _w3(settings)
+    w3 = chain_node(settings)
     path = settings.deployment_path
     if path.exists() and not force:
-        existing = _deployment(settings)
+        existing = load_deployment(settings)
         if is_live(w3, existing):
             emit({"status": "exists", "path": str(path), **asdict(existing)})
             return

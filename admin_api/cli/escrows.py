@@ -10,35 +10,21 @@ from datetime import datetime
 
 import click
 
-from admin_api.cli.runtime import Failed, app_engine, cli_actor, emit, emit_line, parse_timestamp
-from contracts.deployment import Deployment, DeploymentError
+from admin_api.cli.runtime import (
+    app_engine,
+    base_units,
+    cli_actor,
+    emit,
+    emit_line,
+    load_deployment,
+    parse_timestamp,
+)
 from ledger import audit
 from ledger.audit import AuditRecord
-from ledger.errors import InvalidInput
 from ledger.escrow import disputes, service
 from ledger.escrow.states import STATUSES
-from ledger.money import parse_amount
 from ledger.settings import Settings
 from workers import escrow_saga
-
-
-def _deployment(settings: Settings) -> Deployment:
-    try:
-        return Deployment.load(settings.deployment_path)
-    except (OSError, DeploymentError) as exc:
-        raise Failed(f"no usable deployment record at {settings.deployment_path}: {exc}") from exc
-
-
-def _units(_ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    """Option callback: base units, digits only; 0 allowed (a part of a split)."""
-    if value is None:
-        return None
-    if value == "0":
-        return 0
-    try:
-        return parse_amount(value)
-    except InvalidInput as exc:
-        raise click.BadParameter(exc.message, param=param) from None
 
 
 @click.group("escrow")
@@ -95,12 +81,14 @@ def history(settings: Settings, escrow_id: str) -> None:
 
 @escrow.command("release")
 @click.argument("escrow_id")
-@click.option("--amount", callback=_units, help="Base units of this milestone (default: all that remains).")
+@click.option(
+    "--amount", callback=base_units, help="Base units of this milestone (default: all that remains)."
+)
 @click.pass_obj
 def release(settings: Settings, escrow_id: str, amount: int | None) -> None:
     """Release a delivery-confirmed escrow (a milestone, or all that remains)."""
     actor = cli_actor("escrow-release")
-    deployment = _deployment(settings)
+    deployment = load_deployment(settings)
     with app_engine(settings) as engine, engine.begin() as conn:
         row = escrow_saga.enqueue_release(conn, deployment, escrow_id.lower(), actor.actor, amount)
         audit.record(
@@ -116,7 +104,7 @@ def release(settings: Settings, escrow_id: str, amount: int | None) -> None:
 def dispute(settings: Settings, escrow_id: str, reason: str) -> None:
     """Open a dispute as staff: the escrow freezes, its deadline is extended on chain."""
     actor = cli_actor("escrow-dispute")
-    deployment = _deployment(settings)
+    deployment = load_deployment(settings)
     with app_engine(settings) as engine, engine.begin() as conn:
         opened, status = escrow_saga.open_dispute(
             conn,
@@ -136,14 +124,18 @@ def dispute(settings: Settings, escrow_id: str, reason: str) -> None:
 
 @escrow.command("resolve")
 @click.argument("escrow_id")
-@click.option("--seller", "seller_amount", callback=_units, required=True, help="Base units to the seller.")
-@click.option("--buyer", "buyer_amount", callback=_units, required=True, help="Base units back to the buyer.")
-@click.option("--fee", callback=_units, required=True, help="Base units of fee.")
+@click.option(
+    "--seller", "seller_amount", callback=base_units, required=True, help="Base units to the seller."
+)
+@click.option(
+    "--buyer", "buyer_amount", callback=base_units, required=True, help="Base units back to the buyer."
+)
+@click.option("--fee", callback=base_units, required=True, help="Base units of fee.")
 @click.pass_obj
 def resolve(settings: Settings, escrow_id: str, seller_amount: int, buyer_amount: int, fee: int) -> None:
     """Decide a disputed escrow's split; above TRACE_ESCROW_APPROVAL_ABOVE it awaits approval."""
     actor = cli_actor("escrow-resolve")
-    deployment = _deployment(settings)
+    deployment = load_deployment(settings)
     with app_engine(settings) as engine, engine.begin() as conn:
         resolution, status = escrow_saga.decide_split(
             conn,
@@ -169,7 +161,7 @@ def resolve(settings: Settings, escrow_id: str, seller_amount: int, buyer_amount
 def approve(settings: Settings, resolution_id: int) -> None:
     """Approve a split awaiting approval (not the user who decided it)."""
     actor = cli_actor("escrow-approve")
-    deployment = _deployment(settings)
+    deployment = load_deployment(settings)
     with app_engine(settings) as engine, engine.begin() as conn:
         before = disputes.get_resolution(conn, resolution_id).as_dict()
         resolution, status = escrow_saga.approve_split(conn, deployment, resolution_id, actor.actor)
@@ -189,6 +181,6 @@ def approve(settings: Settings, resolution_id: int) -> None:
 @click.pass_obj
 def sweep(settings: Settings) -> None:
     """One pass of the deadline sweep (beat runs it every TRACE_ESCROW_SWEEP_INTERVAL_S)."""
-    deployment = _deployment(settings)
+    deployment = load_deployment(settings)
     with app_engine(settings) as engine:
         emit(escrow_saga.sweep(engine, deployment).as_dict())

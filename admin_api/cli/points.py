@@ -11,8 +11,15 @@ from typing import IO, Any
 
 import click
 
-from admin_api.cli.runtime import Failed, app_engine, cli_actor, emit, emit_line, parse_timestamp
-from contracts.deployment import Deployment, DeploymentError
+from admin_api.cli.runtime import (
+    Failed,
+    app_engine,
+    cli_actor,
+    emit,
+    emit_line,
+    load_deployment,
+    parse_timestamp,
+)
 from ledger import audit, jsonsafe
 from ledger.audit import AuditRecord
 from ledger.errors import InvalidInput
@@ -215,10 +222,7 @@ def history(settings: Settings, participant_id: str, limit: int) -> None:
 def claim(settings: Settings, participant_id: str, points_: int, key: str) -> None:
     """Claim points as TRACE minted to the participant's wallet (staff claim)."""
     actor = cli_actor("points-claim")
-    try:
-        deployment = Deployment.load(settings.deployment_path)
-    except (OSError, DeploymentError) as exc:
-        raise Failed(f"no usable deployment record at {settings.deployment_path}: {exc}") from exc
+    deployment = load_deployment(settings)
     chain = claims.Chain(deployment.chain_id, deployment.token, deployment.treasury)
     with app_engine(settings) as engine, engine.begin() as conn:
         made, status = claims.create_claim(

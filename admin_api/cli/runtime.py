@@ -10,7 +10,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import sqlalchemy as sa
@@ -18,6 +18,11 @@ import sqlalchemy as sa
 from ledger import db
 from ledger.audit import Actor
 from ledger.settings import Settings
+
+if TYPE_CHECKING:
+    from web3 import Web3
+
+    from contracts.deployment import Deployment
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # something was rejected or does not hold
@@ -139,3 +144,37 @@ def app_engine(settings: Settings, *, pool_size: int = 2) -> Iterator[sa.Engine]
             raise _unreachable(url, exc) from exc
         finally:
             engine.dispose()
+
+
+def load_deployment(settings: Settings) -> Deployment:
+    """The deployment record every chain command reads (exit 1 when it is missing or unusable)."""
+    from contracts.deployment import Deployment, DeploymentError
+
+    try:
+        return Deployment.load(settings.deployment_path)
+    except (OSError, DeploymentError) as exc:
+        raise Failed(f"no usable deployment record at {settings.deployment_path}: {exc}") from exc
+
+
+def chain_node(settings: Settings) -> Web3:
+    """The chain's JSON-RPC node (exit 2 when ``TRACE_RPC_URL`` is not set)."""
+    from web3 import Web3
+
+    if not settings.rpc_url:
+        raise BadUsage("TRACE_RPC_URL is not set (the chain's JSON-RPC URL)")
+    return Web3(Web3.HTTPProvider(settings.rpc_url, request_kwargs={"timeout": 30}))
+
+
+def base_units(_ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """Option callback: an amount in base units, digits only (0 allowed where a part may be empty)."""
+    from ledger.errors import InvalidInput
+    from ledger.money import parse_amount
+
+    if value is None:
+        return None
+    if value == "0":
+        return 0
+    try:
+        return parse_amount(value)
+    except InvalidInput as exc:
+        raise click.BadParameter(exc.message, param=param) from None

@@ -8,8 +8,7 @@ from typing import Any
 
 import click
 
-from admin_api.cli.escrows import _deployment, _units
-from admin_api.cli.runtime import app_engine, cli_actor, emit, emit_line
+from admin_api.cli.runtime import app_engine, base_units, cli_actor, emit, emit_line, load_deployment
 from ledger import audit
 from ledger.audit import AuditRecord
 from ledger.settings import Settings
@@ -33,10 +32,10 @@ def staking() -> None:
 @click.argument("name")
 @click.option("--kind", type=click.Choice(POOL_KINDS), required=True)
 @click.option("--apr-bps", type=click.IntRange(0, service.APR_BPS_MAX), help="fixed_apr pools.")
-@click.option("--rate", "rate_per_s", callback=_units, help="emission pools: base units a second.")
+@click.option("--rate", "rate_per_s", callback=base_units, help="emission pools: base units a second.")
 @click.option("--lock-seconds", type=_UINT64, default=0, show_default=True)
-@click.option("--min-stake", callback=_units, default="0", show_default=True, help="Base units.")
-@click.option("--cap", callback=_units, help="Base units (default: no cap).")
+@click.option("--min-stake", callback=base_units, default="0", show_default=True, help="Base units.")
+@click.option("--cap", callback=base_units, help="Base units (default: no cap).")
 @click.option("--inactive", is_flag=True, help="Create the pool closed to new stakes.")
 @click.pass_obj
 def create(
@@ -52,7 +51,7 @@ def create(
 ) -> None:
     """Create a pool and queue its mirror on the vault; prints the pool and `result`."""
     actor = cli_actor("staking-create")
-    deployment = _deployment(settings)
+    deployment = load_deployment(settings)
     pool_settings = service.PoolSettings(
         kind, apr_bps, rate_per_s, lock_seconds, min_stake, cap or None, not inactive
     )
@@ -68,10 +67,10 @@ def create(
 @staking.command("change")
 @click.argument("pool_id", type=click.IntRange(1))
 @click.option("--apr-bps", type=click.IntRange(0, service.APR_BPS_MAX))
-@click.option("--rate", "rate_per_s", callback=_units)
+@click.option("--rate", "rate_per_s", callback=base_units)
 @click.option("--lock-seconds", type=_UINT64)
-@click.option("--min-stake", callback=_units)
-@click.option("--cap", callback=_units, help="Base units; 0 removes the cap.")
+@click.option("--min-stake", callback=base_units)
+@click.option("--cap", callback=base_units, help="Base units; 0 removes the cap.")
 @click.option("--active/--inactive", default=None)
 @click.pass_obj
 def change(settings: Settings, /, pool_id: int, **options: Any) -> None:
@@ -80,7 +79,7 @@ def change(settings: Settings, /, pool_id: int, **options: Any) -> None:
     if "cap" in changes:
         changes["cap"] = changes["cap"] or None
     actor = cli_actor("staking-change")
-    deployment = _deployment(settings)
+    deployment = load_deployment(settings)
     with app_engine(settings) as engine, engine.begin() as conn:
         before, after = staking_saga.change_pool(conn, deployment, pool_id, changes, actor.actor, _now_s())
         audit.record(
@@ -92,7 +91,7 @@ def change(settings: Settings, /, pool_id: int, **options: Any) -> None:
 
 @staking.command("fund")
 @click.argument("pool_id", type=click.IntRange(1))
-@click.option("--amount", callback=_units, required=True, help="Base units.")
+@click.option("--amount", callback=base_units, required=True, help="Base units.")
 @click.option("--key", required=True, help="Idempotency key: the same key again books nothing more.")
 @click.pass_obj
 def fund(settings: Settings, pool_id: int, amount: int, key: str) -> None:

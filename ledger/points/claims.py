@@ -27,7 +27,7 @@ from eth_utils.crypto import keccak
 
 from ledger import accounts, outbox
 from ledger.commands import Leg, NewEntry, check_key
-from ledger.custody import TOKEN_ASSET, ensure_chart
+from ledger.custody import TOKEN_ASSET, ensure_chart, minted_code
 from ledger.errors import Conflict, InvalidInput, LedgerError, NotFound
 from ledger.escrow import party
 from ledger.money import UINT256_LIMIT, check_amount
@@ -46,11 +46,6 @@ _STATES = {
     "confirmed": "paid",
     "failed": "failed",
 }
-
-
-def minted_account(chain_id: int) -> str:
-    """The TRACE minted to claimants on ``chain_id`` (what reconciliation compares with the chain)."""
-    return f"minted:{chain_id}"
 
 
 def mint_calldata(wallet: str, amount: int) -> bytes:
@@ -258,7 +253,7 @@ def create_claim(
         left -= take
     ensure_chart(conn, chain.chain_id, ())
     accounts.create_account(conn, CLAIMS_EXPENSE, TOKEN_ASSET, "expense")
-    accounts.create_account(conn, minted_account(chain.chain_id), TOKEN_ASSET, "equity")
+    accounts.create_account(conn, minted_code(chain.chain_id), TOKEN_ASSET, "equity")
     claim_id = int(
         conn.execute(
             sa.text(
@@ -317,7 +312,7 @@ def create_claim(
         NewEntry(
             key=f"points:claim:{claim_id}:mint",
             kind="points.claim",
-            legs=(Leg(CLAIMS_EXPENSE, minted_account(chain.chain_id), paid, TOKEN_ASSET, pending=True),),
+            legs=(Leg(CLAIMS_EXPENSE, minted_code(chain.chain_id), paid, TOKEN_ASSET, pending=True),),
             metadata={"claim_id": claim_id, "wallet": participant.wallet},
         ),
     ]

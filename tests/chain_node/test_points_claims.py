@@ -18,7 +18,7 @@ from web3 import Web3
 from contracts.anvil import AnvilNode
 from contracts.bindings import MINTER_ROLE, contract_at, transact
 from contracts.deploy import deploy_platform
-from ledger import db
+from ledger import custody, db
 from ledger.errors import InvalidInput
 from ledger.escrow import party
 from ledger.points import claims, ingest, rules, statements
@@ -98,7 +98,7 @@ def test_a_claim_mints_once_and_posts_both_holds_on_the_confirmed_receipt(world:
     chain_id = world["deployment"].chain_id
     # points:acme paid 250 points to points:redeemed; the mint is booked, no hold left open.
     assert totals(world["engine"], "points:acme") == (250, 1000, 0, 0)
-    assert totals(world["engine"], claims.minted_account(chain_id)) == (0, 25 * TRACE // 10, 0, 0)
+    assert totals(world["engine"], custody.minted_code(chain_id)) == (0, 25 * TRACE // 10, 0, 0)
     assert totals(world["engine"], claims.CLAIMS_EXPENSE) == (25 * TRACE // 10, 0, 0, 0)
     with world["engine"].connect() as conn:
         assert statements.lots_consistent(conn, "acme")
@@ -120,7 +120,7 @@ def test_a_reverted_mint_voids_the_claim_and_gives_the_points_back(world: dict[s
     failed = _settle(world, claim.id)
     assert failed.status == "failed" and _minted_to(world) == 0
     assert totals(world["engine"], "points:acme") == (0, 1000, 0, 0)
-    assert totals(world["engine"], claims.minted_account(world["deployment"].chain_id)) == (0, 0, 0, 0)
+    assert totals(world["engine"], custody.minted_code(world["deployment"].chain_id)) == (0, 0, 0, 0)
     with world["engine"].connect() as conn:
         kinds = conn.execute(sa.text("SELECT kind FROM finance_exceptions")).scalars().all()
         balance = statements.balance(conn, "acme")

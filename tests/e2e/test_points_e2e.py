@@ -28,7 +28,7 @@ from admin_api.auth import create_api_key
 from contracts.anvil import start_anvil
 from contracts.bindings import contract_at
 from contracts.deploy import deploy_platform
-from ledger import db
+from ledger import custody, db
 from ledger.escrow import party
 from ledger.points import claims
 from ledger.settings import load_settings
@@ -216,7 +216,7 @@ def test_events_to_points_to_claim_to_mint(platform: Platform) -> None:
         )
     assert int(platform.token.functions.balanceOf(wallet.address).call()) == 20 * TRACE
     assert totals(platform.engine, "points:acme") == (2000, 2000, 0, 0)
-    assert totals(platform.engine, claims.minted_account(platform.chain.chain_id))[1] == 20 * TRACE
+    assert totals(platform.engine, custody.minted_code(platform.chain.chain_id))[1] == 20 * TRACE
     platform.call("POST", "/points/claims", {"participant": "acme", "points": "1", "key": "k2"}, expect=422)
     assert_books_balance(platform.engine)
 

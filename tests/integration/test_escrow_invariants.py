@@ -21,6 +21,7 @@ from ledger import db
 from ledger.commands import ChainRef
 from ledger.escrow import attestation, disputes, party, service
 from tests.conftest import APP_ROLE, Databases
+from tests.rawsql import accepted, refused
 
 UINT256_LIMIT = 2**256
 CHAIN_ID = 31337
@@ -111,32 +112,6 @@ def books(databases: Databases, template_db: str) -> Iterator[Books]:
         seeded.owner.dispose()
         seeded.app.dispose()
         databases.drop(name)
-
-
-def refused(
-    engine: sa.Engine, sql: str, params: dict[str, Any] | None = None, *, setup: tuple[str, ...] = ()
-) -> psycopg.Error:
-    """Run ``setup`` then ``sql`` in one transaction; ``sql`` must fail. Rolled back either way;
-    returns the driver's error (its SQLSTATE and constraint name tell why)."""
-    with engine.connect() as conn:
-        conn.begin()
-        for statement in setup:
-            conn.execute(sa.text(statement))
-        with pytest.raises(sa.exc.DBAPIError) as info:
-            conn.execute(sa.text(sql), params or {})
-        conn.rollback()
-    error = info.value.orig
-    assert isinstance(error, psycopg.Error), repr(info.value)
-    return error
-
-
-def accepted(engine: sa.Engine, sql: str, params: dict[str, Any] | None = None) -> int:
-    """Run ``sql`` in a transaction that is rolled back; the rows it touched."""
-    with engine.connect() as conn:
-        conn.begin()
-        touched = conn.execute(sa.text(sql), params or {}).rowcount
-        conn.rollback()
-    return int(touched)
 
 
 def _escrow_row(**changes: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from eth_account import Account
 
-from ledger import accounts
+from ledger import accounts, custody
 from ledger.errors import Conflict, InvalidInput, LedgerError, NotFound
 from ledger.escrow import party
 from ledger.points import claims, ingest, statements
@@ -53,7 +53,7 @@ def test_a_claim_holds_points_and_mint_and_queues_the_mint_in_one_commit(
             ),
             {"k": claim.outbox_key},
         ).one()
-        minted = accounts.get_account(conn, claims.minted_account(CHAIN.chain_id))
+        minted = accounts.get_account(conn, custody.minted_code(CHAIN.chain_id))
         balance = statements.balance(conn, world.alice)
         assert statements.lots_consistent(conn, world.alice)
     assert (row.action, row.to_address, row.signer, row.status) == (

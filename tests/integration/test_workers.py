@@ -31,6 +31,7 @@ from workers.app import (
     TASK_INDEX,
     TASK_POINTS_EXPIRE,
     TASK_POINTS_INGEST,
+    TASK_RECONCILE,
     TASK_SEND,
     TASK_STAKING_TICK,
     make_celery,
@@ -75,6 +76,7 @@ def test_configuration_is_explicit() -> None:
         TASK_ESCROW_SWEEP,
         TASK_POINTS_EXPIRE,
         TASK_STAKING_TICK,
+        TASK_RECONCILE,
     }
 
 
