@@ -374,3 +374,11 @@ def test_the_expiry_sweep_route(api: Api, unique: str) -> None:
     balance = api.ok("GET", f"/points/participants/{unique}-p/balance", role="auditor")
     assert (balance["posted"], balance["available"]) == ("0", "0")
     api.refused(403, "forbidden", "POST", "/points/expiry", role="auditor")
+
+
+def test_a_batch_of_ten_thousand_events_fits_one_request(api: Api, world: World) -> None:
+    events = _events(world, range(10_000), world.silver)
+    report = api.ok("POST", "/points/events", {"events": events}, role="operator")
+    assert (report["created"], report["points"]) == (10_000, "50")  # 10 points each, capped at 50 a day
+    too_many = _events(world, range(10_001), world.gold)
+    api.refused(400, "invalid_input", "POST", "/points/events", {"events": too_many}, role="operator")

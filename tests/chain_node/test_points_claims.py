@@ -153,3 +153,36 @@ def test_a_signed_claim_sent_twice_mints_once_and_a_forged_one_nothing(world: di
     world["anvil"].mine(1)
     assert _minted_to(world) == TRACE
     assert totals(world["engine"], "points:acme") == (100, 1000, 0, 0)
+
+
+def test_a_mint_orphaned_before_its_confirmation_is_sent_again_and_paid_once(world: dict[str, Any]) -> None:
+    anvil, w3 = world["anvil"], world["w3"]
+    # Two confirmations, and a transaction not seen for a moment is sent again (fee bump).
+    sender = Sender(
+        world["engine"], w3, world["signer"], world["deployment"].chain_id,
+        confirmations=2, bump_after_s=0, max_in_flight=16,
+    )  # fmt: skip
+    claim = _claim(world, 300, "c-orphan")
+    fork = anvil.snapshot()
+    sender.run_once()  # signed, broadcast, mined at once (anvil mines a block per transaction)
+    assert _minted_to(world) == 3 * TRACE
+    with world["engine"].connect() as conn:
+        assert claims.get_claim(conn, claim.id).status == "pending"  # not yet two blocks deep
+    # The mint's block leaves the canonical chain: a longer fork without it.
+    anvil.revert(fork)
+    anvil.mine(3)
+    assert _minted_to(world) == 0
+    with world["engine"].connect() as conn:
+        assert claims.get_claim(conn, claim.id).status == "pending"
+    for _ in range(8):
+        sender.run_once()
+        anvil.mine(1)
+        with world["engine"].connect() as conn:
+            if claims.get_claim(conn, claim.id).status != "pending":
+                break
+    with world["engine"].connect() as conn:
+        final = claims.get_claim(conn, claim.id)
+    assert final.status == "paid"
+    assert _minted_to(world) == 3 * TRACE  # minted once, on the canonical chain
+    assert totals(world["engine"], "points:acme") == (300, 1000, 0, 0)
+    assert_books_balance(world["engine"])

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from ledger.errors import Conflict, InvalidInput
+from ledger.errors import Conflict, InvalidInput, LedgerError
 from ledger.points import expiry, ingest, rules, statements
 from tests.points_kit import PointsWorld, make_world, points_of, points_tables
 
@@ -282,3 +282,22 @@ def test_participants_register_once_and_change_tier(app_engine: sa.Engine, uniqu
             args = {"participant_id": f"{unique}-q", "tier": "gold", "wallet": None, **bad}
             with pytest.raises(InvalidInput):
                 rules.set_participant(conn, args["participant_id"], args["tier"], args["wallet"], "tests")
+
+
+def test_points_beyond_uint256_refuse_the_batch_and_write_nothing(app_engine: sa.Engine, unique: str) -> None:
+    with app_engine.begin() as conn:
+        rule = rules.add_rule_version(
+            conn, rules.NewRule(f"{unique}.huge", 2**255, {"gold": 20_000}), "tests"
+        )
+        rules.set_participant(conn, f"{unique}-g", "gold", None, "tests")
+        rules.set_participant(conn, f"{unique}-s", "silver", None, "tests")
+    base = {"source": "s", "type": f"{unique}.huge", "occurred_at": rule.effective_at.isoformat()}
+    before = points_tables(app_engine, f"{unique}-s")
+    with pytest.raises(LedgerError) as info:
+        _ingest(
+            app_engine,
+            [{**base, "event_id": f"{unique}-1", "participant": f"{unique}-s"},
+             {**base, "event_id": f"{unique}-2", "participant": f"{unique}-g"}],  # 2^255 x 2 = 2^256
+        )  # fmt: skip
+    assert info.value.code == "points_overflow"
+    assert points_tables(app_engine, f"{unique}-s") == before

@@ -4,6 +4,7 @@ refusals that write nothing."""
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -15,7 +16,7 @@ from eth_account import Account
 from ledger import accounts, custody
 from ledger.errors import Conflict, InvalidInput, LedgerError, NotFound
 from ledger.escrow import party
-from ledger.points import claims, ingest, statements
+from ledger.points import claims, expiry, ingest, statements
 from tests.points_kit import PointsWorld, make_world, points_of, points_tables
 
 KEY = "0x" + "31" * 32
@@ -178,3 +179,41 @@ def test_a_forged_or_stale_signed_claim_writes_nothing(
         used = conn.execute(sa.text("SELECT count(*) FROM party_nonces WHERE address = :a AND nonce = '8'"),
                             {"a": WALLET}).scalar_one()  # fmt: skip
     assert used == 0
+
+
+def test_concurrent_claims_and_the_sweep_never_take_more_than_is_there(
+    app_engine: sa.Engine, world: PointsWorld, unique: str
+) -> None:
+    with app_engine.begin() as conn:
+        ingest.ingest(
+            conn, [world.event(f"x{i}", world.alice, world.expiring) for i in range(4)]
+        )  # 20, expiring
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def claim(n: int) -> None:
+        try:
+            _claim(app_engine, world, 90, f"{unique}-race-{n}")
+            outcome = "claimed"
+        except LedgerError as exc:
+            outcome = exc.code
+        with lock:
+            results.append(outcome)
+
+    def sweep() -> None:
+        for _ in range(10):
+            with app_engine.begin() as conn:
+                expiry.expire_points(conn)
+            time.sleep(0.1)
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(5)] + [threading.Thread(target=sweep)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    # 300 unexpiring points pay for three claims of 90; the 20 expiring ones cannot make a fourth.
+    assert sorted(results) == ["claimed"] * 3 + ["insufficient_points"] * 2
+    credits, debits, held = points_of(app_engine, world.alice)
+    assert held == 270 and credits == 320 and credits - debits - held >= 0
+    with app_engine.connect() as conn:
+        assert statements.lots_consistent(conn, world.alice)
