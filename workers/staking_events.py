@@ -56,7 +56,9 @@ def explain_transfer(
         stake = _stake_event(event)
         if stake is None or stake.staker != party or stake.amount != transfer.amount:
             continue
-        if service.pool_on(conn, event.chain.chain_id, vault, stake.pool_id):
+        # The pool's row is locked before the stake account is booked (every writer of a pool
+        # locks it before its accounts: no lock-order deadlock with a claim of the same pool).
+        if service.pool_on(conn, event.chain.chain_id, vault, stake.pool_id, for_update=True):
             return service.ensure_stake_account(conn, stake.pool_id, stake.staker)
     return None
 

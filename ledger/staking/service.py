@@ -622,12 +622,16 @@ class StakeEvent:
         return f"staking_{kind}:{c.chain_id}:{c.tx_hash}:{c.log_index}"
 
 
-def pool_on(conn: sa.Connection, chain_id: int, vault: str, pool_id: int) -> bool:
-    """Whether ``pool_id`` is one of our pools on that vault."""
+def pool_on(
+    conn: sa.Connection, chain_id: int, vault: str, pool_id: int, *, for_update: bool = False
+) -> bool:
+    """Whether ``pool_id`` is one of our pools on that vault. ``for_update`` locks its row (the
+    pool before its accounts, as every writer of a pool does)."""
     if not 0 < pool_id < 2**63:
         return False
+    lock = " FOR UPDATE" if for_update else ""
     row = conn.execute(
-        sa.text("SELECT 1 FROM staking_pools WHERE id = :id AND chain_id = :c AND vault = :v"),
+        sa.text(f"SELECT 1 FROM staking_pools WHERE id = :id AND chain_id = :c AND vault = :v{lock}"),
         {"id": pool_id, "c": chain_id, "v": vault},
     ).first()
     return row is not None
