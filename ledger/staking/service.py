@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from ledger import accounts, exceptions_queue
 from ledger.commands import ChainRef, Leg, NewEntry
-from ledger.custody import TOKEN_ASSET, TOKEN_SCALE, check_address
+from ledger.custody import TOKEN_ASSET, TOKEN_SCALE, check_address, clearing_code
 from ledger.engine import post_batch
 from ledger.errors import Conflict, InvalidInput, LedgerError, NotFound
 from ledger.money import UINT256_LIMIT, check_amount
@@ -605,7 +605,9 @@ def settle_position(conn: sa.Connection, pool_id: int, staker: str, now_s: int) 
 
 @dataclass(frozen=True, slots=True)
 class StakeEvent:
-    """A confirmed ``Staked`` (``amount`` > 0 added) or ``Unstaked`` event of the vault."""
+    """A confirmed ``Staked`` (``amount`` > 0 added) or ``Unstaked`` event of the vault.
+    ``compounded``: the ``Staked`` of one of our compounding claims (``stakeFor`` from the
+    treasury), whose tokens came through the outbox clearing account."""
 
     chain: ChainRef
     pool_id: int
@@ -614,6 +616,7 @@ class StakeEvent:
     new_balance: int
     unlock_at_s: int | None
     staked: bool
+    compounded: bool = False
 
     @property
     def key(self) -> str:
@@ -704,7 +707,40 @@ def apply_stake_event(conn: sa.Connection, vault: str, event: StakeEvent, now_s:
         amount=event.amount,
         event_key=event.key,
     )
+    if event.compounded and event.staked:
+        _book_compounded(conn, event)
     return "applied"
+
+
+def _book_compounded(conn: sa.Connection, event: StakeEvent) -> None:
+    """A compounding claim's stake is owed to the staker from the moment the vault holds it: the
+    claim's posted hold credited the outbox clearing account, this moves it to the stake account
+    (in the indexer's transaction, with the custody mirrors). It carries the event's chain
+    reference, so a reorg's compensation reverses it; a re-included event books it under the next
+    generation."""
+    generation = conn.execute(
+        sa.text("SELECT count(*) FROM staking_moves WHERE event_key = :k AND kind = 'undone'"),
+        {"k": event.key},
+    ).scalar_one()
+    c = event.chain
+    key = f"staking:compounded:{c.chain_id}:{c.tx_hash}:{c.log_index}"
+    entry = NewEntry(
+        key=key if generation == 0 else f"{key}:g{generation}",
+        legs=(
+            Leg(
+                clearing_code(c.chain_id),
+                ensure_stake_account(conn, event.pool_id, event.staker),
+                event.amount,
+                TOKEN_ASSET,
+            ),
+        ),
+        kind="staking.compounded",
+        metadata={"pool": event.pool_id, "staker": event.staker},
+        chain=c,
+    )
+    [booked] = post_batch(conn, [entry])
+    if booked.status == "rejected":
+        raise LedgerError(booked.code or "rejected", f"compounded stake {entry.key}: {booked.reason}")
 
 
 def undo_stake_event(conn: sa.Connection, vault: str, event: StakeEvent, now_s: int) -> str:

@@ -551,7 +551,9 @@ def test_a_compounding_claim_approves_the_vault_once_then_stakes_for_the_staker(
             .all()
         )
     assert ids[0] == approvals[0]["key"], "the approval goes first"
-    assert balance(api, f"stake:{pid}:{alice}")[3] == 2 * TRACE
+    # Both holds wait on the payable account for their receipts (the stake account moves with
+    # the confirmed Staked events).
+    assert balance(api, f"rewards:{pid}:payable")[2] == 2 * TRACE
 
 
 def test_bad_claims_are_refused_and_write_nothing(api: Api, clock: list[int]) -> None:

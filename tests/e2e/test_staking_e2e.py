@@ -91,11 +91,7 @@ def staking(
     databases: Databases, template_db: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Staking]:
     work = tmp_path_factory.mktemp("staking-e2e")
-    broker = (
-        _own_redis_db(redis_url).removesuffix("/12") + REDIS_DB
-        if redis_url.startswith("redis")
-        else redis_url
-    )
+    broker = _own_redis_db(redis_url, REDIS_DB)
     redis.Redis.from_url(broker).flushdb()
     database_url = databases.url(databases.create(template=template_db))
     engine = db.make_engine(database_url, role=APP_ROLE, pool_size=4)
