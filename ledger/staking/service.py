@@ -921,6 +921,27 @@ def rewards_of(conn: sa.Connection, staker: str, now_s: int) -> list[dict[str, A
     return out
 
 
+def treasury_cover(
+    conn: sa.Connection, treasury_mirror: str, pools: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """What the treasury wallet holds (its custody mirror) against what the pools have committed
+    to pay out of it: what their budgets still hold, what is accrued and unpaid, the remainders."""
+    row = conn.execute(
+        sa.text("SELECT debits_posted - credits_posted FROM ledger_accounts WHERE code = :c"),
+        {"c": treasury_mirror},
+    ).first()
+    held = 0 if row is None else int(row[0])
+    committed = sum(
+        int(p["budget_remaining"]) + int(p["accrued_unpaid"]) + int(p["remainder"]) for p in pools
+    )
+    return {
+        "account": treasury_mirror,
+        "holds": str(held),
+        "committed": str(committed),
+        "covered": held >= committed,
+    }
+
+
 def liability_report(conn: sa.Connection, now_s: int) -> list[dict[str, Any]]:
     """Per pool: what was funded, emitted and paid, what is accrued but unpaid (booked, and to
     the second ``now_s``), what the budget still holds, and the stakers' own accrued sum."""

@@ -604,5 +604,10 @@ def test_the_liability_report_is_for_finance_and_auditors(api: Api, clock: list[
         assert report["accrued_unpaid"] == str(100 * TRACE)
         assert report["stakers_accrued"] == str(70 * TRACE)
         assert report["budget_remaining"] == str(9_900 * TRACE)
+    treasury = api.ok("GET", "/staking/liabilities", role="finance")["treasury"]
+    # The made-up treasury holds nothing on chain: the pools' commitments are not covered.
+    assert treasury["account"] == f"chain:{CHAIN_ID}:{DEPLOYMENT.treasury}"
+    assert (treasury["holds"], treasury["covered"]) == ("0", False)
+    assert int(treasury["committed"]) >= 10_000 * TRACE - 30 * TRACE
     api.refused(403, "forbidden", "GET", "/staking/liabilities", role="operator")
     api.refused(401, "unauthenticated", "GET", "/staking/liabilities", role=None)

@@ -196,6 +196,10 @@ def test_stake_accrue_claim_and_compound_through_the_workers(staking: Staking) -
     assert int(line["emitted"]) == int(line["paid"]) + int(line["accrued_unpaid"]) + int(line["remainder"])
     assert int(line["paid"]) == 8 * RATE
     assert int(line["emitted"]) <= int(line["funded"]) == 500 * TRACE
+    treasury = s.get("/staking/liabilities")["treasury"]
+    # The treasury was minted 1,000 TRACE and paid out only the claims: it covers the pool.
+    assert int(treasury["holds"]) == 1_000 * TRACE - 8 * RATE
+    assert treasury["covered"] is True and int(treasury["committed"]) <= 500 * TRACE
     with s.engine.connect() as conn:
         claims = conn.execute(sa.text("SELECT count(*) FROM staking_claims")).scalar_one()
         kinds = (
