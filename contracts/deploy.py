@@ -25,9 +25,9 @@ def deploy_platform(
     grace_seconds: int = GRACE_SECONDS_DEFAULT,
 ) -> Deployment:
     """Deploy TraceToken, TraceEscrow and TraceStakingVault from ``deployer`` (their admin) and grant
-    the platform's signing key ``signer`` the minter and arbiter roles, and the vault's pool manager
-    and compounder roles. The signer's address is the
-    treasury wallet; ``fee_wallet`` receives escrow fees. Returns the deployment record."""
+    the platform's signing key ``signer`` the minter and arbiter roles and the vault's pool manager
+    and compounder roles. The signer's address is the treasury wallet; ``fee_wallet`` receives
+    escrow fees. Returns the deployment record."""
     deployer_address = deployer if isinstance(deployer, str) else deployer.address
     admin = Web3.to_checksum_address(deployer_address)
     platform = Web3.to_checksum_address(signer)

@@ -19,7 +19,7 @@ from workers.escrow_events import ChainEvent
 UINT64_MAX = 2**64 - 1
 
 
-def _stake_event(event: ChainEvent) -> service.StakeEvent | None:
+def _stake_event(event: ChainEvent, compounded: bool = False) -> service.StakeEvent | None:
     """The vault event as the staking service takes it; None for a pool id no pool of ours can
     have (the custody transfer then goes to suspense)."""
     args = event.args
@@ -35,7 +35,26 @@ def _stake_event(event: ChainEvent) -> service.StakeEvent | None:
         new_balance=int(args["newBalance"]),
         unlock_at_s=min(int(args["unlockAt"]), UINT64_MAX) if staked else None,
         staked=staked,
+        compounded=compounded,
     )
+
+
+def _compounds(conn: sa.Connection, tx_hashes: set[str]) -> dict[str, tuple[int, str, int]]:
+    """Which of ``tx_hashes`` are transactions of our compounding claims, and the (pool, staker,
+    amount) each was sent for."""
+    if not tx_hashes:
+        return {}
+    rows = conn.execute(
+        sa.text(
+            "SELECT a.tx_hash, o.metadata FROM chain_tx_attempts a JOIN chain_outbox o ON o.id = a.outbox_id"
+            " WHERE a.tx_hash = ANY(:h) AND o.action = 'staking.compound'"
+        ),
+        {"h": sorted(tx_hashes)},
+    ).all()
+    return {
+        r.tx_hash: (int(r.metadata["pool"]), str(r.metadata["staker"]), int(r.metadata["amount"]))
+        for r in rows
+    }
 
 
 def explain_transfer(
@@ -56,7 +75,9 @@ def explain_transfer(
         stake = _stake_event(event)
         if stake is None or stake.staker != party or stake.amount != transfer.amount:
             continue
-        if service.pool_on(conn, event.chain.chain_id, vault, stake.pool_id):
+        # The pool's row is locked before the stake account is booked (every writer of a pool
+        # locks it before its accounts: no lock-order deadlock with a claim of the same pool).
+        if service.pool_on(conn, event.chain.chain_id, vault, stake.pool_id, for_update=True):
             return service.ensure_stake_account(conn, stake.pool_id, stake.staker)
     return None
 
@@ -70,10 +91,17 @@ def apply_events(
 ) -> None:
     """Apply the vault's confirmed ``Staked`` / ``Unstaked`` events to positions, in chain order.
     Rewards count from the moment the event is booked (``now_s``)."""
-    for event in events:
-        if event.contract != vault or event.event not in ("Staked", "Unstaked"):
-            continue
-        stake = _stake_event(event)
+    ours = [e for e in events if e.contract == vault and e.event in ("Staked", "Unstaked")]
+    compounds = _compounds(conn, {e.chain.tx_hash for e in ours if e.event == "Staked"})
+    for event in ours:
+        expected = compounds.get(event.chain.tx_hash)
+        args = event.args
+        compounded = expected is not None and expected == (
+            int(args["poolId"]),
+            str(args["staker"]).lower(),
+            int(args["amount"]),
+        )
+        stake = _stake_event(event, compounded)
         if stake is not None:
             service.apply_stake_event(conn, vault, stake, now_s())
 

@@ -7,12 +7,13 @@ makes it meaningful.
 - A paid claim holds ``rewards:{pool}:payable`` → ``clearing:outbox:{chain}`` and enqueues
   ``TraceToken.transfer(staker, amount)`` from the treasury, settled by the sender like an
   escrow release.
-- A compounded claim holds ``rewards:{pool}:payable`` → ``stake:{pool}:{staker}`` and enqueues
-  ``TraceStakingVault.stakeFor(pool, staker, amount)`` from the treasury (the vault's
+- A compounded claim holds ``rewards:{pool}:payable`` → ``clearing:outbox:{chain}`` too and
+  enqueues ``TraceStakingVault.stakeFor(pool, staker, amount)`` from the treasury (the vault's
   compounder), which pulls the TRACE from the treasury. The treasury approves the vault once,
   for good: the first compounding claim on a vault also enqueues ``approve(vault, 2^256 - 1)``
   under a key of its own, so it is sent once and always before any ``stakeFor``. The confirmed
-  ``Staked`` event then raises the position.
+  ``Staked`` event then raises the position and moves the amount from clearing to
+  ``stake:{pool}:{staker}``, in the indexer's transaction that moves the custody mirrors.
 - A claim whose transaction fails has its hold voided by the sender; :func:`return_failed_claims`
   gives the amount back to the staker's accrued reward.
 """
@@ -180,14 +181,12 @@ def enqueue_claim(
         details={"outbox": key, "mode": mode},
     )
     if mode == "pay":
-        credit = clearing_code(deployment.chain_id)
         to, data, gas = (
             deployment.token,
             _TRANSFER + encode(["address", "uint256"], [staker, taken]),
             PAYOUT_GAS_LIMIT,
         )
     else:
-        credit = service.ensure_stake_account(conn, pool_id, staker)
         _approve_vault(conn, deployment)
         to, data, gas = (
             deployment.vault,
@@ -203,7 +202,15 @@ def enqueue_claim(
     )
     hold = NewEntry(
         key=f"{key}:hold",
-        legs=(Leg(service.payable_account(pool_id), credit, taken, TOKEN_ASSET, pending=True),),
+        legs=(
+            Leg(
+                service.payable_account(pool_id),
+                clearing_code(deployment.chain_id),
+                taken,
+                TOKEN_ASSET,
+                pending=True,
+            ),
+        ),
         kind="staking.claim",
         metadata={"pool": pool_id, "staker": staker, "mode": mode},
     )

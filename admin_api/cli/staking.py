@@ -8,9 +8,11 @@ from typing import Any
 
 import click
 
-from admin_api.cli.runtime import app_engine, base_units, cli_actor, emit, emit_line, load_deployment
+from admin_api.cli.runtime import Failed, app_engine, base_units, cli_actor, emit, emit_line, load_deployment
+from contracts.deployment import Deployment
 from ledger import audit
 from ledger.audit import AuditRecord
+from ledger.custody import mirror_code
 from ledger.settings import Settings
 from ledger.staking import service
 from ledger.staking.accumulator import POOL_KINDS
@@ -151,5 +153,15 @@ def rewards(settings: Settings, address: str) -> None:
 def liabilities(settings: Settings) -> None:
     """Accrued-but-unpaid rewards against the funded budget, per pool (as `GET /staking/liabilities`)."""
     now_s = _now_s()
+    try:
+        deployment: Deployment | None = load_deployment(settings)
+    except Failed:
+        deployment = None
     with app_engine(settings) as engine, engine.connect() as conn:
-        emit({"as_of_s": now_s, "pools": service.liability_report(conn, now_s)})
+        pools = service.liability_report(conn, now_s)
+        treasury = (
+            None
+            if deployment is None
+            else service.treasury_cover(conn, mirror_code(deployment.chain_id, deployment.treasury), pools)
+        )
+    emit({"as_of_s": now_s, "pools": pools, "treasury": treasury})

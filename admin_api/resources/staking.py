@@ -19,6 +19,7 @@ from admin_api.errors import documents_problems
 from admin_api.resources import (
     BaseUnits,
     Blueprint,
+    ServiceUnavailable,
     StrictBoolean,
     StrictSchema,
     id_cursor,
@@ -28,7 +29,7 @@ from admin_api.resources import (
 from admin_api.resources.escrows import Units
 from ledger import audit
 from ledger.audit import Actor, AuditRecord
-from ledger.custody import check_address
+from ledger.custody import check_address, mirror_code
 from ledger.errors import InvalidInput
 from ledger.escrow import party
 from ledger.staking import service
@@ -169,9 +170,17 @@ class LiabilitySchema(ma.Schema):
     as_of_s = ma.fields.Integer()
 
 
+class TreasurySchema(ma.Schema):
+    account = ma.fields.String()
+    holds = ma.fields.String()
+    committed = ma.fields.String()
+    covered = ma.fields.Boolean()
+
+
 class LiabilityReportSchema(ma.Schema):
     as_of_s = ma.fields.Integer()
     pools = ma.fields.List(ma.fields.Nested(LiabilitySchema))
+    treasury = ma.fields.Nested(TreasurySchema, allow_none=True)
 
 
 def _now_s() -> int:
@@ -305,10 +314,23 @@ def fund_pool(body: dict[str, Any], pool_id: int) -> tuple[dict[str, Any], int]:
 @blp.response(200, LiabilityReportSchema)
 def liabilities() -> dict[str, Any]:
     """Per pool: funded budget, what is left, emitted, paid, accrued but unpaid (booked, and to
-    this second), the remainder carried forward, and the stakers' own accrued sum."""
+    this second), the remainder carried forward, and the stakers' own accrued sum. `treasury`:
+    what the treasury wallet's custody mirror holds against what the pools have committed (null
+    before the platform is deployed)."""
     now_s = _now_s()
-    with ledger_state().engine.connect() as conn:
-        return {"as_of_s": now_s, "pools": service.liability_report(conn, now_s)}
+    state = ledger_state()
+    try:
+        deployment = state.deployment()
+    except ServiceUnavailable:
+        deployment = None
+    with state.engine.connect() as conn:
+        pools = service.liability_report(conn, now_s)
+        treasury = (
+            None
+            if deployment is None
+            else service.treasury_cover(conn, mirror_code(deployment.chain_id, deployment.treasury), pools)
+        )
+    return {"as_of_s": now_s, "pools": pools, "treasury": treasury}
 
 
 # -- stakers --------------------------------------------------------------------------------

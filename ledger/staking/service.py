@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from ledger import accounts, exceptions_queue
 from ledger.commands import ChainRef, Leg, NewEntry
-from ledger.custody import TOKEN_ASSET, TOKEN_SCALE, check_address
+from ledger.custody import TOKEN_ASSET, TOKEN_SCALE, check_address, clearing_code
 from ledger.engine import post_batch
 from ledger.errors import Conflict, InvalidInput, LedgerError, NotFound
 from ledger.money import UINT256_LIMIT, check_amount
@@ -605,7 +605,9 @@ def settle_position(conn: sa.Connection, pool_id: int, staker: str, now_s: int) 
 
 @dataclass(frozen=True, slots=True)
 class StakeEvent:
-    """A confirmed ``Staked`` (``amount`` > 0 added) or ``Unstaked`` event of the vault."""
+    """A confirmed ``Staked`` (``amount`` > 0 added) or ``Unstaked`` event of the vault.
+    ``compounded``: the ``Staked`` of one of our compounding claims (``stakeFor`` from the
+    treasury), whose tokens came through the outbox clearing account."""
 
     chain: ChainRef
     pool_id: int
@@ -614,6 +616,7 @@ class StakeEvent:
     new_balance: int
     unlock_at_s: int | None
     staked: bool
+    compounded: bool = False
 
     @property
     def key(self) -> str:
@@ -622,12 +625,16 @@ class StakeEvent:
         return f"staking_{kind}:{c.chain_id}:{c.tx_hash}:{c.log_index}"
 
 
-def pool_on(conn: sa.Connection, chain_id: int, vault: str, pool_id: int) -> bool:
-    """Whether ``pool_id`` is one of our pools on that vault."""
+def pool_on(
+    conn: sa.Connection, chain_id: int, vault: str, pool_id: int, *, for_update: bool = False
+) -> bool:
+    """Whether ``pool_id`` is one of our pools on that vault. ``for_update`` locks its row (the
+    pool before its accounts, as every writer of a pool does)."""
     if not 0 < pool_id < 2**63:
         return False
+    lock = " FOR UPDATE" if for_update else ""
     row = conn.execute(
-        sa.text("SELECT 1 FROM staking_pools WHERE id = :id AND chain_id = :c AND vault = :v"),
+        sa.text(f"SELECT 1 FROM staking_pools WHERE id = :id AND chain_id = :c AND vault = :v{lock}"),
         {"id": pool_id, "c": chain_id, "v": vault},
     ).first()
     return row is not None
@@ -700,7 +707,40 @@ def apply_stake_event(conn: sa.Connection, vault: str, event: StakeEvent, now_s:
         amount=event.amount,
         event_key=event.key,
     )
+    if event.compounded and event.staked:
+        _book_compounded(conn, event)
     return "applied"
+
+
+def _book_compounded(conn: sa.Connection, event: StakeEvent) -> None:
+    """A compounding claim's stake is owed to the staker from the moment the vault holds it: the
+    claim's posted hold credited the outbox clearing account, this moves it to the stake account
+    (in the indexer's transaction, with the custody mirrors). It carries the event's chain
+    reference, so a reorg's compensation reverses it; a re-included event books it under the next
+    generation."""
+    generation = conn.execute(
+        sa.text("SELECT count(*) FROM staking_moves WHERE event_key = :k AND kind = 'undone'"),
+        {"k": event.key},
+    ).scalar_one()
+    c = event.chain
+    key = f"staking:compounded:{c.chain_id}:{c.tx_hash}:{c.log_index}"
+    entry = NewEntry(
+        key=key if generation == 0 else f"{key}:g{generation}",
+        legs=(
+            Leg(
+                clearing_code(c.chain_id),
+                ensure_stake_account(conn, event.pool_id, event.staker),
+                event.amount,
+                TOKEN_ASSET,
+            ),
+        ),
+        kind="staking.compounded",
+        metadata={"pool": event.pool_id, "staker": event.staker},
+        chain=c,
+    )
+    [booked] = post_batch(conn, [entry])
+    if booked.status == "rejected":
+        raise LedgerError(booked.code or "rejected", f"compounded stake {entry.key}: {booked.reason}")
 
 
 def undo_stake_event(conn: sa.Connection, vault: str, event: StakeEvent, now_s: int) -> str:
@@ -879,6 +919,27 @@ def rewards_of(conn: sa.Connection, staker: str, now_s: int) -> list[dict[str, A
             }
         )
     return out
+
+
+def treasury_cover(
+    conn: sa.Connection, treasury_mirror: str, pools: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """What the treasury wallet holds (its custody mirror) against what the pools have committed
+    to pay out of it: what their budgets still hold, what is accrued and unpaid, the remainders."""
+    row = conn.execute(
+        sa.text("SELECT debits_posted - credits_posted FROM ledger_accounts WHERE code = :c"),
+        {"c": treasury_mirror},
+    ).first()
+    held = 0 if row is None else int(row[0])
+    committed = sum(
+        int(p["budget_remaining"]) + int(p["accrued_unpaid"]) + int(p["remainder"]) for p in pools
+    )
+    return {
+        "account": treasury_mirror,
+        "holds": str(held),
+        "committed": str(committed),
+        "covered": held >= committed,
+    }
 
 
 def liability_report(conn: sa.Connection, now_s: int) -> list[dict[str, Any]]:

@@ -551,7 +551,9 @@ def test_a_compounding_claim_approves_the_vault_once_then_stakes_for_the_staker(
             .all()
         )
     assert ids[0] == approvals[0]["key"], "the approval goes first"
-    assert balance(api, f"stake:{pid}:{alice}")[3] == 2 * TRACE
+    # Both holds wait on the payable account for their receipts (the stake account moves with
+    # the confirmed Staked events).
+    assert balance(api, f"rewards:{pid}:payable")[2] == 2 * TRACE
 
 
 def test_bad_claims_are_refused_and_write_nothing(api: Api, clock: list[int]) -> None:
@@ -602,5 +604,43 @@ def test_the_liability_report_is_for_finance_and_auditors(api: Api, clock: list[
         assert report["accrued_unpaid"] == str(100 * TRACE)
         assert report["stakers_accrued"] == str(70 * TRACE)
         assert report["budget_remaining"] == str(9_900 * TRACE)
+    treasury = api.ok("GET", "/staking/liabilities", role="finance")["treasury"]
+    # The made-up treasury holds nothing on chain: the pools' commitments are not covered.
+    assert treasury["account"] == f"chain:{CHAIN_ID}:{DEPLOYMENT.treasury}"
+    assert (treasury["holds"], treasury["covered"]) == ("0", False)
+    assert int(treasury["committed"]) >= 10_000 * TRACE - 30 * TRACE
     api.refused(403, "forbidden", "GET", "/staking/liabilities", role="operator")
     api.refused(401, "unauthenticated", "GET", "/staking/liabilities", role=None)
+
+
+def test_a_bad_pool_change_is_refused_and_writes_nothing(api: Api) -> None:
+    pool = api.pool("change-refusals")
+    path = f"/staking/pools/{pool['id']}"
+    for body in (
+        {},
+        {"kind": "fixed_apr"},
+        {"apr_bps": 5},
+        {"rate_per_s": "-1"},
+        {"lock_seconds": 2**64},
+        {"active": 1},
+        {"name": "renamed"},
+    ):
+        api.refused(400, "invalid_input", "PATCH", path, body)
+    api.refused(404, "pool_not_found", "PATCH", "/staking/pools/999999", {"rate_per_s": "1"})
+    # A change the vault keeps is mirrored there; a rate change alone is not.
+    api.ok("PATCH", path, {"rate_per_s": "7"})
+    assert len(outbox_rows(api, f"staking:configure:{pool['id']}:")) == 1
+    changed = api.ok("PATCH", path, {"min_stake": "5", "cap": str(TRACE)})
+    assert (changed["min_stake"], changed["cap"], changed["rate_per_s"]) == ("5", str(TRACE), "7")
+    mirrors = outbox_rows(api, f"staking:configure:{pool['id']}:")
+    assert [m["key"] for m in mirrors] == [
+        f"staking:configure:{pool['id']}:1",
+        f"staking:configure:{pool['id']}:3",
+    ]
+    assert decode(["uint256", "uint64", "uint256", "uint256", "bool"], bytes(mirrors[1]["data"])[4:]) == (
+        pool["id"],
+        0,
+        5,
+        TRACE,
+        True,
+    )

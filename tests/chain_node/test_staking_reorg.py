@@ -143,3 +143,70 @@ def test_a_claim_that_fails_on_chain_goes_back_to_the_staker(world: dict[str, An
     assert liability["paying"] == "0" and liability["paid"] == "0"
     assert_books_follow_the_chain(world)
     assert_books_balance(world["engine"])
+
+
+def test_a_reorg_that_drops_a_compounding_undoes_it_and_its_reinclusion_books_it_once(
+    anvil: AnvilNode, world: dict[str, Any]
+) -> None:
+    w3, deployment, staker, signer = world["w3"], world["deployment"], world["buyer"], world["signer"]
+    who = staker.address.lower()
+    transact(w3, world["token"].functions.mint(signer.address, 100 * TRACE), signer)
+    pool_id = _pool(world, "compound-reorg")
+    vault = contract_at(w3, "TraceStakingVault", deployment.vault)
+    transact(w3, world["token"].functions.approve(vault.address, 100 * TRACE), staker)
+    transact(w3, vault.functions.stake(pool_id, 10 * TRACE), staker)
+    _settle(world)
+    later = int(time.time()) + 100
+    # A first compounding lands for good (with the vault's approval).
+    with world["engine"].begin() as conn:
+        staking_saga.enqueue_claim(conn, deployment, pool_id, who, 10**16, "compound", 1, later)
+    _settle(world)
+    base = 10 * TRACE + 10**16
+    assert _stake_of(world, pool_id, who) == base
+
+    with world["engine"].begin() as conn:
+        claim = staking_saga.enqueue_claim(conn, deployment, pool_id, who, 10**16, "compound", 2, later)
+    fork = anvil.snapshot()
+    world["sender"].run_once()  # signs and broadcasts; the node mines it at once
+    anvil.mine(1)
+    world["indexer"].run_once()
+    assert _stake_of(world, pool_id, who) == base + 10**16
+    assert balance(world, service.stake_account(pool_id, who)) == base + 10**16
+    with world["engine"].connect() as conn:
+        raw = bytes(
+            conn.execute(
+                sa.text(
+                    "SELECT a.raw_tx FROM chain_tx_attempts a JOIN chain_outbox o ON o.id = a.outbox_id"
+                    " WHERE o.key = :k ORDER BY a.id DESC LIMIT 1"
+                ),
+                {"k": claim.outbox_key},
+            ).scalar_one()
+        )
+
+    anvil.revert(fork)
+    anvil.mine(4)
+    report = world["indexer"].run_once()
+    assert report.reorgs == 1
+    assert _stake_of(world, pool_id, who) == base
+    assert balance(world, service.stake_account(pool_id, who)) == base
+
+    # The same signed transaction lands again: applied once more, under the next generation.
+    w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(raw))
+    _settle(world)
+    assert _stake_of(world, pool_id, who) == base + 10**16
+    assert balance(world, service.stake_account(pool_id, who)) == base + 10**16
+    with world["engine"].connect() as conn:
+        keys = (
+            conn.execute(
+                sa.text(
+                    "SELECT idempotency_key FROM ledger_entries"
+                    " WHERE idempotency_key LIKE '%staking:compounded:%' ORDER BY id"
+                )
+            )
+            .scalars()
+            .all()
+        )
+    # The first compounding; the second, its reversal, and its re-inclusion.
+    assert len(keys) == 4 and keys[2].startswith("reorg:") and keys[3].endswith(":g1"), keys
+    assert_books_follow_the_chain(world)
+    assert_books_balance(world["engine"])

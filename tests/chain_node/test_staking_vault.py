@@ -101,6 +101,14 @@ def test_stake_accrue_claim_and_compound_on_a_real_node(world: dict[str, Any]) -
     assert vault.functions.positions(pool.id, staker.address).call()[0] == 40 * TRACE + 30 * RATE
     assert _position(world, pool.id, who)[0] == 40 * TRACE + 30 * RATE
     assert balance(world, service.stake_account(pool.id, who)) == 40 * TRACE + 30 * RATE
+    with world["engine"].connect() as conn:
+        compounded = conn.execute(
+            sa.text(
+                "SELECT kind, chain_id FROM ledger_entries WHERE idempotency_key LIKE 'staking:compounded:%'"
+            )
+        ).all()
+    # Booked once, from the confirmed Staked of the compounding transaction, with its chain reference.
+    assert [tuple(r) for r in compounded] == [("staking.compounded", deployment.chain_id)]
 
     # An unstake on chain lowers the position and what the vault owes.
     transact(w3, vault.functions.unstake(pool.id, 10 * TRACE), staker)

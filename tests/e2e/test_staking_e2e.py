@@ -91,11 +91,7 @@ def staking(
     databases: Databases, template_db: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Staking]:
     work = tmp_path_factory.mktemp("staking-e2e")
-    broker = (
-        _own_redis_db(redis_url).removesuffix("/12") + REDIS_DB
-        if redis_url.startswith("redis")
-        else redis_url
-    )
+    broker = _own_redis_db(redis_url, REDIS_DB)
     redis.Redis.from_url(broker).flushdb()
     database_url = databases.url(databases.create(template=template_db))
     engine = db.make_engine(database_url, role=APP_ROLE, pool_size=4)
@@ -200,6 +196,10 @@ def test_stake_accrue_claim_and_compound_through_the_workers(staking: Staking) -
     assert int(line["emitted"]) == int(line["paid"]) + int(line["accrued_unpaid"]) + int(line["remainder"])
     assert int(line["paid"]) == 8 * RATE
     assert int(line["emitted"]) <= int(line["funded"]) == 500 * TRACE
+    treasury = s.get("/staking/liabilities")["treasury"]
+    # The treasury was minted 1,000 TRACE and paid out only the claims: it covers the pool.
+    assert int(treasury["holds"]) == 1_000 * TRACE - 8 * RATE
+    assert treasury["covered"] is True and int(treasury["committed"]) <= 500 * TRACE
     with s.engine.connect() as conn:
         claims = conn.execute(sa.text("SELECT count(*) FROM staking_claims")).scalar_one()
         kinds = (
