@@ -82,13 +82,14 @@ def register(celery: Celery) -> None:
 
     @celery.task(name=app_module.TASK_POINTS_EXPIRE, base=TraceTask, bind=True, shared=False)
     def expire_points(self: TraceTask) -> dict[str, Any]:
-        lots, total = 0, 0
+        lots, total, after = 0, 0, 0
         for _ in range(100):  # bounded: at most 100 x SWEEP_MAX_LOTS lots a run
             with runtime_of(celery).engine.begin() as conn:
-                report = points_expiry.expire_points(conn)
+                report = points_expiry.expire_points(conn, after=after)
             lots += report.lots
             total += report.points
-            if report.lots < points_expiry.SWEEP_MAX_LOTS:
+            after = report.last_lot
+            if report.examined < points_expiry.SWEEP_MAX_LOTS:
                 break
         if lots:
             log.info("task.points_expire", lots=lots, points=str(total))

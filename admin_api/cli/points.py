@@ -244,13 +244,15 @@ def expire(settings: Settings) -> None:
     with app_engine(settings) as engine:
         for _ in range(SWEEP_ROUNDS_MAX):
             with engine.begin() as conn:
-                report = expiry.expire_points(conn)
+                report = expiry.expire_points(conn, after=total.last_lot)
                 if report.lots:
                     audit.record(
                         conn, [AuditRecord(actor, "points.expire", "points:expiry", None, report.as_dict())]
                     )
             total.lots += report.lots
             total.points += report.points
-            if report.lots < expiry.SWEEP_MAX_LOTS:
+            total.examined += report.examined
+            total.last_lot = report.last_lot
+            if report.examined < expiry.SWEEP_MAX_LOTS:
                 break
     emit(total.as_dict())

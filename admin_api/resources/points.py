@@ -394,10 +394,12 @@ def get_claim(claim_id: int) -> dict[str, Any]:
 @require_roles(*EXPIRE_ROLES)
 @blp.response(200, description="Lots expired and points returned to points:issued")
 def sweep_expiry() -> dict[str, Any]:
-    """Run the expiry sweep now (beat runs it every `TRACE_POINTS_EXPIRY_INTERVAL_S`)."""
+    """Run one round of the expiry sweep now (beat runs it every `TRACE_POINTS_EXPIRY_INTERVAL_S`):
+    `lots` expired, `points` returned, `examined` lots past their expiry; `more` when a round could
+    not look at them all (call again)."""
     actor = current_actor()
     with ledger_state().engine.begin() as conn:
         report = expiry.expire_points(conn)
         if report.lots:
             audit.record(conn, [_audit(actor, "points.expire", "points:expiry", None, report.as_dict())])
-    return report.as_dict()
+    return {**report.as_dict(), "more": report.examined == expiry.SWEEP_MAX_LOTS}

@@ -3,7 +3,8 @@
 
 Idempotent and safe alongside claims: lots are locked in id order (claims lock theirs in the
 same order), and a lot's remainder is recomputed under the lock. A lot whose points came back
-from a failed claim after it expired is swept again, under ``points:expire:<lot>:<n>``.
+from a failed claim after it expired is swept again, under ``points:expire:<lot>:<n>``; a lot
+with no claim pending on it is settled, so the sweep only ever reads lots that can still change.
 """
 
 from __future__ import annotations
@@ -24,45 +25,70 @@ SWEEP_MAX_LOTS = 5_000
 
 @dataclass(slots=True)
 class ExpiryReport:
-    lots: int = 0
+    lots: int = 0  # lots whose remainder was expired
     points: int = 0
+    examined: int = 0  # lots past their expiry looked at
+    last_lot: int = 0  # where the next call continues (``after``)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"lots": self.lots, "points": str(self.points)}
+        return {"lots": self.lots, "points": str(self.points), "examined": self.examined}
 
 
 def expiry_key(lot_id: int, seq: int) -> str:
     return f"points:expire:{lot_id}" if seq == 0 else f"points:expire:{lot_id}:{seq}"
 
 
-def expire_points(conn: sa.Connection, *, limit: int = SWEEP_MAX_LOTS) -> ExpiryReport:
-    """Expire up to ``limit`` lots in the caller's transaction; call again while it reports some."""
-    report = ExpiryReport()
+_PENDING_CLAIM = (
+    "EXISTS (SELECT 1 FROM points_claim_lots cl JOIN points_claims c ON c.id = cl.claim_id"
+    " JOIN chain_outbox o ON o.key = c.outbox_key"
+    " WHERE cl.lot_id = l.id AND o.status NOT IN ('confirmed', 'failed'))"
+)
+
+
+def expire_points(conn: sa.Connection, *, after: int = 0, limit: int = SWEEP_MAX_LOTS) -> ExpiryReport:
+    """Sweep up to ``limit`` unsettled lots past their expiry, of ids above ``after``, in the
+    caller's transaction. Each lot's unspent remainder goes back to ``points:issued``; a lot with
+    no claim still pending on it is then settled and never looked at again (a pending claim that
+    fails later gives its points back to the lot, which the next sweep takes). Call again with
+    ``after=report.last_lot`` while ``report.examined == limit``."""
+    report = ExpiryReport(last_lot=after)
     due = (
         conn.execute(
             sa.text(
-                "WITH l AS (" + LOT_REMAINING + " WHERE l.expires_at <= now() AND l.expired < l.amount)"
-                " SELECT id FROM l WHERE remaining > 0 ORDER BY id LIMIT :n"
+                "SELECT id FROM points_lots WHERE expires_at IS NOT NULL AND NOT settled AND id > :after"
+                " AND expires_at <= now() ORDER BY id LIMIT :n FOR UPDATE"
             ),
-            {"n": limit},
+            {"after": after, "n": limit},
         )
         .scalars()
         .all()
     )
     if not due:
         return report
-    conn.execute(
-        sa.text("SELECT id FROM points_lots WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"), {"ids": list(due)}
-    )
-    rows = conn.execute(
+    report.examined = len(due)
+    report.last_lot = int(due[-1])
+    lots = conn.execute(
         sa.text(
             "WITH l AS (" + LOT_REMAINING + " WHERE l.id = ANY(:ids))"
             " SELECT l.id, l.participant_id, l.remaining, l.expires_at,"
-            " (SELECT count(*) FROM points_expiries x WHERE x.lot_id = l.id) AS seq"
-            " FROM l WHERE l.remaining > 0 ORDER BY l.id"
+            " (SELECT count(*) FROM points_expiries x WHERE x.lot_id = l.id) AS seq, "
+            + _PENDING_CLAIM
+            + " AS claim_pending FROM l ORDER BY l.id"
         ),
         {"ids": list(due)},
     ).all()
+    rows = [r for r in lots if r.remaining > 0]
+    settled = [r.id for r in lots if not r.claim_pending]
+    if rows:
+        _expire(conn, rows)
+    if settled:
+        conn.execute(sa.text("UPDATE points_lots SET settled = true WHERE id = ANY(:ids)"), {"ids": settled})
+    report.lots = len(rows)
+    report.points = sum(int(r.remaining) for r in rows)
+    return report
+
+
+def _expire(conn: sa.Connection, rows: list[Any]) -> None:
     commands = [
         NewEntry(
             key=expiry_key(r.id, int(r.seq)),
@@ -97,6 +123,3 @@ def expire_points(conn: sa.Connection, *, limit: int = SWEEP_MAX_LOTS) -> Expiry
         ),
         {"ids": [r.id for r in rows], "amt": [int(r.remaining) for r in rows]},
     )
-    report.lots = len(rows)
-    report.points = sum(int(r.remaining) for r in rows)
-    return report

@@ -21,7 +21,7 @@ from contracts.deploy import deploy_platform
 from ledger import custody, db
 from ledger.errors import InvalidInput
 from ledger.escrow import party
-from ledger.points import claims, ingest, rules, statements
+from ledger.points import claims, expiry, ingest, rules, statements
 from tests.books import assert_books_balance, totals
 from tests.conftest import APP_ROLE
 from workers.sender import Sender
@@ -186,3 +186,38 @@ def test_a_mint_orphaned_before_its_confirmation_is_sent_again_and_paid_once(wor
     assert _minted_to(world) == 3 * TRACE  # minted once, on the canonical chain
     assert totals(world["engine"], "points:acme") == (300, 1000, 0, 0)
     assert_books_balance(world["engine"])
+
+
+def test_points_a_failed_claim_returns_to_an_expired_lot_are_swept_and_the_lot_settles(
+    world: dict[str, Any],
+) -> None:
+    token, w3, engine = world["token"], world["w3"], world["engine"]
+    with engine.begin() as conn:
+        rule = rules.add_rule_version(conn, rules.NewRule("brief", 30, expires_after_s=1), "tests")
+    event = {"source": "s", "event_id": "b1", "participant": "acme", "type": "brief"}
+    with engine.begin() as conn:
+        ingest.ingest(conn, [{**event, "occurred_at": rule.effective_at.isoformat()}])
+        lot_id, expires = conn.execute(
+            sa.text("SELECT id, expires_at FROM points_lots WHERE expires_at IS NOT NULL")
+        ).one()
+    transact(w3, token.functions.revokeRole(MINTER_ROLE, world["signer"].address), world["deployer"])
+    claim = _claim(world, 30, "c-brief")  # takes the expiring lot first
+    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.1)
+    with engine.begin() as conn:
+        first = expiry.expire_points(conn)
+    # The lot is past its expiry but its points are held by the pending claim: nothing to expire,
+    # and the lot is not settled.
+    assert (first.examined, first.lots) == (1, 0)
+    assert _settle(world, claim.id).status == "failed"
+    with engine.begin() as conn:
+        second = expiry.expire_points(conn)
+        settled = conn.execute(
+            sa.text("SELECT settled FROM points_lots WHERE id = :i"), {"i": lot_id}
+        ).scalar_one()
+        keys = conn.execute(sa.text("SELECT entry_key FROM points_expiries")).scalars().all()
+        assert statements.lots_consistent(conn, "acme")
+    assert (second.lots, second.points, settled, keys) == (1, 30, True, [f"points:expire:{lot_id}"])
+    with engine.begin() as conn:
+        assert expiry.expire_points(conn).examined == 0  # settled: never read again
+    assert totals(engine, "points:acme") == (30, 1030, 0, 0)
+    assert_books_balance(engine)

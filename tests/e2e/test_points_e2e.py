@@ -38,7 +38,7 @@ from workers.app import TASK_POINTS_INGEST, make_celery
 
 BIN = Path(sys.executable).parent
 TRACE = 10**18
-WAIT_S = 120.0
+WAIT_S = 240.0
 
 
 def _own_redis_db(url: str) -> str:

@@ -124,4 +124,4 @@ def test_points_from_the_shell(fresh_db_url: str, tmp_path: Path) -> None:
     partly = _run(["points", "ingest", "-"], env, stdin=conflicting)
     assert partly.returncode == 1 and json.loads(partly.stdout)["conflicts"] == 1
     swept = _run(["points", "expire"], env)
-    assert swept.returncode == 0 and json.loads(swept.stdout) == {"lots": 0, "points": "0"}
+    assert swept.returncode == 0 and json.loads(swept.stdout) == {"lots": 0, "points": "0", "examined": 0}

@@ -265,3 +265,25 @@ def test_a_claim_takes_exactly_its_points_from_its_lots(books: Books) -> None:
     error = refused(books.app, copy, {"c": books.claim_id})
     assert error.sqlstate == CHECK_VIOLATION and "takes 0 points" in str(error)
     assert books.state() == before
+
+
+def test_a_settled_lot_never_changes_and_only_an_expired_lot_settles(books: Books) -> None:
+    before = books.state()
+    # The module's lot never expires: it cannot be settled.
+    error = refused(books.app, "UPDATE points_lots SET settled = true WHERE id = :id", {"id": books.lot_id})
+    assert error.sqlstate == CHECK_VIOLATION and "settled" in str(error)
+    assert books.state() == before
+    with books.owner.begin() as conn:
+        lot = conn.execute(
+            sa.text(
+                "INSERT INTO points_lots (participant_id, batch_id, amount, expires_at, settled)"
+                " VALUES (:p, 777, 10, now() - interval '1 day', true) RETURNING id"
+            ),
+            {"p": books.participant},
+        ).scalar_one()
+    for sql in (
+        "UPDATE points_lots SET settled = false WHERE id = :id",
+        "UPDATE points_lots SET expired = 1 WHERE id = :id",
+    ):
+        error = refused(books.app, sql, {"id": lot})
+        assert error.sqlstate == CHECK_VIOLATION and "settled" in str(error), sql

@@ -125,11 +125,13 @@ CREATE TABLE points_lots (
     amount numeric(78, 0) NOT NULL CHECK (amount > 0 AND amount < {UINT256_LIMIT}),
     expires_at timestamptz,
     expired numeric(78, 0) NOT NULL DEFAULT 0 CHECK (expired >= 0 AND expired <= amount),
+    -- Past its expiry, swept, and no claim on it still pending: nothing can come back to it.
+    settled boolean NOT NULL DEFAULT false,
     created_at timestamptz NOT NULL DEFAULT now(),
     UNIQUE NULLS NOT DISTINCT (batch_id, participant_id, expires_at)
 );
 CREATE INDEX points_lots_participant ON points_lots (participant_id, id);
-CREATE INDEX points_lots_expiring ON points_lots (expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX points_lots_due ON points_lots (id) WHERE expires_at IS NOT NULL AND NOT settled;
 
 -- Each expiry booking of a lot (the first under points:expire:<lot>; a later one, when a
 -- failed claim gave points back to an expired lot, under points:expire:<lot>:<seq>).
@@ -191,8 +193,11 @@ CREATE CONSTRAINT TRIGGER points_claim_whole AFTER INSERT ON points_claims
 CREATE FUNCTION points_lots_grow() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.expired < OLD.expired OR NEW.amount <> OLD.amount OR NEW.participant_id <> OLD.participant_id
-       OR NEW.expires_at IS DISTINCT FROM OLD.expires_at OR NEW.batch_id <> OLD.batch_id THEN
-        RAISE EXCEPTION 'a points lot only records more expiry' USING ERRCODE = 'check_violation';
+       OR NEW.expires_at IS DISTINCT FROM OLD.expires_at OR NEW.batch_id <> OLD.batch_id
+       OR (OLD.settled AND (NOT NEW.settled OR NEW.expired <> OLD.expired))
+       OR (NEW.settled AND (NEW.expires_at IS NULL OR NEW.expires_at > now())) THEN
+        RAISE EXCEPTION 'a points lot only records more expiry, and once settled nothing more'
+            USING ERRCODE = 'check_violation';
     END IF;
     RETURN NEW;
 END $$;
@@ -252,7 +257,7 @@ GRANT INSERT (source, event_id, participant_id, event_type, occurred_at, details
 GRANT INSERT (participant_id, event_type, day) ON points_daily_totals TO "{role}";
 GRANT UPDATE (points) ON points_daily_totals TO "{role}";
 GRANT INSERT (participant_id, batch_id, amount, expires_at) ON points_lots TO "{role}";
-GRANT UPDATE (expired) ON points_lots TO "{role}";
+GRANT UPDATE (expired, settled) ON points_lots TO "{role}";
 GRANT INSERT ON points_expiries, points_claims, points_claim_lots TO "{role}";
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}";
 """
