@@ -77,6 +77,15 @@ EXPECTED_ROLES: dict[tuple[str, str], tuple[str | None, ...]] = {
     ("post", "/points/expiry"): ("admin", "finance", "operator"),
     # Signed by the participant's wallet.
     ("post", "/party/points/claims"): EVERYONE,
+    ("get", "/staking/pools"): ("admin", "finance", "auditor", "operator"),
+    ("get", "/staking/pools/{pool_id}"): ("admin", "finance", "auditor", "operator"),
+    ("post", "/staking/pools"): ("admin", "finance"),
+    ("patch", "/staking/pools/{pool_id}"): ("admin", "finance"),
+    ("post", "/staking/pools/{pool_id}/fund"): ("admin", "finance"),
+    ("get", "/staking/liabilities"): ("admin", "finance", "auditor"),
+    # A public address's rewards; a claim signed by the staker's wallet.
+    ("get", "/stakers/{address}/rewards"): EVERYONE,
+    ("post", "/stakers/{address}/claims"): EVERYONE,
     ("post", "/reconciliation/runs"): ("admin", "finance"),
     ("get", "/reconciliation/runs"): ("admin", "finance", "auditor"),
     ("get", "/reconciliation/runs/{run_id}"): ("admin", "finance", "auditor"),
@@ -103,6 +112,8 @@ PATH_VALUES = {
     "participant_id": "no-such-participant",
     "claim_id": "999999",
     "run_id": "999999",
+    "pool_id": "999999",
+    "address": "0x" + "ab" * 20,
     "exception_id": "999999",
     "writeoff_id": "999999",
 }
