@@ -883,6 +883,27 @@ def test_ledger_xid8_names_the_current_transaction_whatever_the_search_path(ledg
     assert row is not None and row["same"] is True
 
 
+def test_an_entry_booked_inside_a_savepoint_is_of_this_transaction(ledger: Ledger) -> None:
+    # The entry row carries the subtransaction's xid, assigned after the top-level one: it is
+    # still this transaction's, and its transfers are accepted.
+    with ledger.connect(app=True) as conn:
+        conn.execute("SELECT pg_catalog.pg_current_xact_id()")  # the top-level xid first
+        conn.execute("SAVEPOINT booking")
+        row = transfer_row(conn, ledger.ids["bank"], ledger.ids["alice"], 7)
+        in_entry(conn, "in-savepoint", row)
+        conn.execute(_INSERT_TRANSFER, row)
+        seen = conn.execute(
+            "SELECT ledger_xid8(xmin) > pg_current_xact_id() AS sub FROM ledger_entries"
+            " WHERE idempotency_key = 'in-savepoint'"
+        ).fetchone()
+        conn.execute("RELEASE SAVEPOINT booking")
+        conn.commit()
+        alice = balances(conn, ledger.ids["alice"])
+    assert seen is not None and seen["sub"] is True
+    assert alice["credits_posted"] == 107
+    ledger.check()
+
+
 def test_no_entry_check_outlives_its_commit(ledger: Ledger) -> None:
     with ledger.connect(app=False) as conn:
         pending = conn.execute("SELECT count(*) AS n FROM ledger_entry_checks").fetchone()
