@@ -14,7 +14,7 @@ import structlog
 from flask_smorest import Api
 
 from admin_api.auth import SECURITY_SCHEME
-from admin_api.errors import PROBLEM_CONTENT_TYPE, ProblemSchema, register_error_handlers
+from admin_api.errors import PROBLEM_CONTENT_TYPE, Problem, ProblemSchema, register_error_handlers
 from admin_api.metrics import ApiMetrics
 from admin_api.resources import (
     EXTENSION_KEY,
@@ -161,6 +161,14 @@ def _start_request() -> None:
     structlog.contextvars.bind_contextvars(
         request_id=flask.g.request_id, method=flask.request.method, path=flask.request.path
     )
+    _refuse_nul(flask.request)
+
+
+def _refuse_nul(request: flask.Request) -> None:
+    """PostgreSQL text cannot hold NUL; a path or query parameter with one is the client's 400."""
+    texts = [request.path, *(part for pair in request.args.items(multi=True) for part in pair)]
+    if any("\x00" in text for text in texts):
+        raise Problem(400, "invalid_input", "the path and query parameters may not contain NUL characters")
 
 
 def _finish_request(response: flask.Response) -> flask.Response:

@@ -109,9 +109,29 @@ class StrictParser(FlaskParser):
         try:
             # NaN/Infinity are not JSON; over-long numbers and deep nesting raise ValueError
             # and RecursionError, which must be the client's 400, not our 500.
-            return jsonsafe.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            body = jsonsafe.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
             abort(400, exc=exc, messages={"json": ["Invalid JSON body."]})
+        if _holds_nul(body):
+            # PostgreSQL text cannot hold it: refused here rather than failing in the database.
+            abort(400, messages={"json": ["Text may not contain NUL (\\u0000) characters."]})
+        return body
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a parsed JSON value has a NUL character in any string, key or value."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class Blueprint(SmorestBlueprint):  # type: ignore[misc]

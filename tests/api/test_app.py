@@ -235,3 +235,32 @@ def test_concurrent_requests_all_book_through_the_queue(
     assert len(set(ids)) == threads_n * each_n
     after = snapshot(app_engine, [chart.alice])
     assert after["balances"][chart.alice][1] == 3 * threads_n * each_n
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["/audit?actor=a%00b", "/accounts/bad%00code", "/entries?account=x&kind=%00"],
+)
+def test_nul_in_a_path_or_query_is_the_client_s_400(
+    client: FlaskClient, api_keys: dict[str, str], url: str
+) -> None:
+    # PostgreSQL text cannot hold NUL: refused before the database sees it.
+    problem = assert_problem(client.get(url, headers=bearer(api_keys["admin"])), 400, "invalid_input")
+    assert "NUL" in problem["detail"]
+
+
+def test_nul_in_a_json_body_is_refused_and_writes_nothing(
+    client: FlaskClient, api_keys: dict[str, str], chart: Chart, app_engine: sa.Engine
+) -> None:
+    before = snapshot(app_engine, chart.codes())
+    response = client.post(
+        "/entries",
+        data='{"transfers": [{"debit": "' + chart.source + '", "credit": "' + chart.alice + '",'
+        ' "amount": "5"}], "metadata": {"note": "a\\u0000b"}}',
+        headers=bearer(
+            api_keys["finance"], **{"Idempotency-Key": "nul-body", "Content-Type": "application/json"}
+        ),
+    )
+    problem = assert_problem(response, 400, "invalid_input")
+    assert "NUL" in str(problem["errors"])
+    assert snapshot(app_engine, chart.codes()) == before
