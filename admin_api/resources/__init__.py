@@ -112,26 +112,32 @@ class StrictParser(FlaskParser):
             body = jsonsafe.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
             abort(400, exc=exc, messages={"json": ["Invalid JSON body."]})
-        if _holds_nul(body):
+        bad = _nul_field(body)
+        if bad is not None:
             # PostgreSQL text cannot hold it: refused here rather than failing in the database.
-            abort(400, messages={"json": ["Text may not contain NUL (\\u0000) characters."]})
+            abort(
+                400, messages={"json": {bad or "<body>": ["Text may not contain NUL (\\u0000) characters."]}}
+            )
         return body
 
 
-def _holds_nul(value: Any) -> bool:
-    """Whether a parsed JSON value has a NUL character in any string, key or value."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+def _nul_field(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string, key or value holding a NUL character, or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    items: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                return path or "<key>"
+            items.append((f"{path}.{key}" if path else key, item))
+    elif isinstance(value, list):
+        items = [(f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value)]
+    for item_path, item in items:
+        found = _nul_field(item, item_path)
+        if found is not None:
+            return found
+    return None
 
 
 class Blueprint(SmorestBlueprint):  # type: ignore[misc]

@@ -262,5 +262,5 @@ def test_nul_in_a_json_body_is_refused_and_writes_nothing(
         ),
     )
     problem = assert_problem(response, 400, "invalid_input")
-    assert "NUL" in str(problem["errors"])
+    assert "NUL" in str(problem["errors"]["json"]["metadata.note"])
     assert snapshot(app_engine, chart.codes()) == before
