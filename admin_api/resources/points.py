@@ -104,7 +104,7 @@ class ClaimInSchema(StrictSchema):
     key = ma.fields.String(required=True, validate=ma.validate.Length(1, 200))
 
 
-class SignedClaimSchema(StrictSchema):
+class SignedPointsClaimSchema(StrictSchema):
     request = ma.fields.Dict(
         required=True, metadata={"description": "The ClaimPoints fields: participant, points, nonce, expiry"}
     )
@@ -325,7 +325,7 @@ def create_claim(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
 
 @blp.route("/party/points/claims", methods=["POST"])
 @documents_problems(404, 409, 422, 503)
-@blp.arguments(SignedClaimSchema)
+@blp.arguments(SignedPointsClaimSchema)
 @blp.response(201, description="Claimed")
 @blp.alt_response(200, description="The same signed claim again")
 def create_signed_claim(body: dict[str, Any]) -> tuple[dict[str, Any], int]:

@@ -84,7 +84,7 @@ class ClaimRequestSchema(StrictSchema):
     expiry = ma.fields.Raw(required=True)
 
 
-class SignedClaimSchema(StrictSchema):
+class SignedRewardsClaimSchema(StrictSchema):
     request = ma.fields.Nested(ClaimRequestSchema, required=True)
     signature = ma.fields.String(required=True, validate=ma.validate.Length(1, 200))
 
@@ -350,7 +350,7 @@ def rewards(address: str) -> dict[str, Any]:
 
 @blp.route("/stakers/<address>/claims", methods=["POST"])
 @documents_problems(404, 409, 422, 503)
-@blp.arguments(SignedClaimSchema)
+@blp.arguments(SignedRewardsClaimSchema)
 @blp.response(202, ClaimSchema, description="The claim is on its way to the chain")
 @blp.alt_response(200, schema=ClaimSchema, description="The same signed claim again")
 def claim(body: dict[str, Any], address: str) -> tuple[dict[str, Any], int]:
