@@ -249,10 +249,14 @@ class Indexer:
                 sa.text("DELETE FROM chain_blocks WHERE chain_id = :c AND number > :a"),
                 {"c": self.chain_id, "a": ancestor},
             )
+            # Nothing before the deployment's first block is read: an ancestor below it (a chain
+            # that started over) sends the cursor back to that block, not further.
             conn.execute(
                 sa.text(
-                    "UPDATE chain_cursors SET indexed_block = LEAST(indexed_block, :a),"
-                    " handled_block = LEAST(handled_block, :a), updated_at = now() WHERE chain_id = :c"
+                    "UPDATE chain_cursors"
+                    " SET indexed_block = LEAST(indexed_block, GREATEST(:a, start_block - 1)),"
+                    " handled_block = LEAST(handled_block, GREATEST(:a, start_block - 1)),"
+                    " updated_at = now() WHERE chain_id = :c"
                 ),
                 {"c": self.chain_id, "a": ancestor},
             )

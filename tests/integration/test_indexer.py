@@ -279,3 +279,26 @@ def test_a_transaction_reincluded_after_a_deep_reorg_is_booked_again_under_a_new
         )
     base = f"chain:{s.deployment.chain_id}:0x{bytes(tx_hash).hex()}:0"
     assert keys == [base, f"reorg:{base}", f"{base}:g1"]
+
+
+def test_a_rollback_below_the_deployment_restarts_at_its_first_block(setup: Setup) -> None:
+    # A chain that started over (the dev chain after a restart) can share no block with what was
+    # stored, down to before the deployment: the cursor goes back to the deployment's first block.
+    s = setup
+    s.transfer(s.users[0], Web3.to_checksum_address(s.deployment.escrow), 3 * TRACE)
+    s.mine(CONFIRMATIONS)
+    indexer = s.indexer()
+    indexer.run_once()
+    assert s.mirror(s.deployment.escrow) == 3 * TRACE
+    report = indexer.run_once()
+    indexer._roll_back(s.deployment.start_block - 5, report)
+    with s.engine.connect() as conn:
+        cursor = conn.execute(
+            sa.text("SELECT indexed_block, handled_block FROM chain_cursors WHERE chain_id = :c"),
+            {"c": s.deployment.chain_id},
+        ).one()
+    assert tuple(cursor) == (s.deployment.start_block - 1, s.deployment.start_block - 1)
+    assert s.mirror(s.deployment.escrow) == 0  # compensated
+    indexer.run_once()
+    _custody_matches_chain(s)
+    assert_books_balance(s.engine)
