@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -98,6 +99,11 @@ def audit_rows(engine: sa.Engine, target: str) -> list[dict[str, Any]]:
             {"t": target},
         ).mappings()
         return [dict(r) for r in rows]
+
+
+def names(problem: dict[str, Any], word: str) -> bool:
+    """Whether a problem names ``word`` (a field or a term) in its detail or its field messages."""
+    return word in problem["detail"] or word in json.dumps(problem.get("errors", {}))
 
 
 def assert_problem(response: Any, status: int, code: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from ledger.commands import ChainRef
 from ledger.engine import post_batch
 from ledger.escrow import attestation, party, service
 from ledger.settings import Settings, load_settings
-from tests.api.conftest import assert_problem, audit_rows, bearer
+from tests.api.conftest import assert_problem, audit_rows, bearer, names
 from tests.conftest import APP_ROLE, Databases
 
 CHAIN_ID = 31337
@@ -1139,27 +1139,29 @@ def _split(seller: int, buyer: int, fee: int) -> dict[str, str]:
 def test_a_resolution_refuses_bad_splits_and_undisputed_escrows(api: Api) -> None:
     escrow = api.disputed("resolve-bad")
     path = f"/escrows/{escrow['id']}/resolution"
-    for body in (
-        _split(600_000, 300_000, 0),  # does not add up to the 1000000 it holds
-        _split(600_000, 500_000, 0),
-        _split(0, 0, 0),
-        {**_split(1_000_000, 0, 0), "seller_amount": "-1"},
-        {**_split(1_000_000, 0, 0), "seller_amount": 1_000_000},
-        {**_split(1_000_000, 0, 0), "buyer_amount": "zero"},
-        {**_split(1_000_000, 0, 0), "fee": ""},
-        {**_split(1_000_000, 0, 0), "fee": str(2**256)},
-        {"seller_amount": "1000000", "buyer_amount": "0"},
-        {**_split(1_000_000, 0, 0), "note": "x"},
+    for body, named in (
+        (_split(600_000, 300_000, 0), "must add up to the 1000000"),  # short of what it holds
+        (_split(600_000, 500_000, 0), "must add up to the 1000000"),
+        (_split(0, 0, 0), "must add up to the 1000000"),
+        ({**_split(1_000_000, 0, 0), "seller_amount": "-1"}, "seller_amount"),
+        ({**_split(1_000_000, 0, 0), "seller_amount": 1_000_000}, "seller_amount"),
+        ({**_split(1_000_000, 0, 0), "buyer_amount": "zero"}, "buyer_amount"),
+        ({**_split(1_000_000, 0, 0), "fee": ""}, "fee"),
+        ({**_split(1_000_000, 0, 0), "fee": str(2**256)}, "fee"),
+        ({"seller_amount": "1000000", "buyer_amount": "0"}, "fee"),
+        ({**_split(1_000_000, 0, 0), "note": "x"}, "note"),
     ):
-        api.refused(400, "invalid_input", "POST", path, body)
+        problem = api.refused(400, "invalid_input", "POST", path, body)
+        assert names(problem, named), problem
     funded = api.funded("resolve-undisputed")
-    api.refused(
+    problem = api.refused(
         409,
         "escrow_transition_refused",
         "POST",
         f"/escrows/{funded['id']}/resolution",
         _split(1_000_000, 0, 0),
     )
+    assert names(problem, funded["status"]), problem
 
 
 def test_a_large_split_waits_for_a_second_finance_user(api: Api) -> None:

@@ -23,7 +23,7 @@ from ledger import db
 from ledger.escrow import party
 from ledger.points import claims
 from ledger.settings import load_settings
-from tests.api.conftest import assert_problem, bearer
+from tests.api.conftest import assert_problem, bearer, names
 from tests.conftest import APP_ROLE, Databases
 
 DEPLOYMENT = Deployment(
@@ -216,41 +216,46 @@ def test_a_rule_change_is_a_new_version_never_in_the_past(api: Api, world: World
 
 
 @pytest.mark.parametrize(
-    "body",
+    ("body", "named"),
     [
-        {"event_type": "x.y", "points": 10},
-        {"event_type": "x.y", "points": "-1"},
-        {"event_type": "x.y", "points": str(2**256)},
-        {"event_type": "X Y", "points": "1"},
-        {"event_type": "x.y", "points": "1", "tier_multipliers_bps": {"Gold": 100}},
-        {"event_type": "x.y", "points": "1", "tier_multipliers_bps": {"gold": 1.5}},
-        {"event_type": "x.y", "points": "1", "daily_cap": "1.5"},
-        {"event_type": "x.y", "points": "1", "expires_after_s": 0},
-        {"event_type": "x.y", "points": "1", "effective_at": "2030-01-01T00:00:00"},
-        {"event_type": "x.y", "points": "1", "extra": True},
-        {"points": "1"},
+        ({"event_type": "x.y", "points": 10}, "points"),
+        ({"event_type": "x.y", "points": "-1"}, "points"),
+        ({"event_type": "x.y", "points": str(2**256)}, "points"),
+        ({"event_type": "X Y", "points": "1"}, "event type"),
+        ({"event_type": "x.y", "points": "1", "tier_multipliers_bps": {"Gold": 100}}, "tier"),
+        ({"event_type": "x.y", "points": "1", "tier_multipliers_bps": {"gold": 1.5}}, "tier_multipliers_bps"),
+        ({"event_type": "x.y", "points": "1", "daily_cap": "1.5"}, "daily_cap"),
+        ({"event_type": "x.y", "points": "1", "expires_after_s": 0}, "expires_after_s"),
+        ({"event_type": "x.y", "points": "1", "effective_at": "2030-01-01T00:00:00"}, "effective_at"),
+        ({"event_type": "x.y", "points": "1", "extra": True}, "extra"),
+        ({"points": "1"}, "event_type"),
     ],
 )
-def test_a_malformed_rule_is_400_and_writes_nothing(api: Api, body: dict[str, Any]) -> None:
-    api.refused(400, "invalid_input", "POST", "/points/rules", body)
+def test_a_malformed_rule_is_400_and_writes_nothing(api: Api, body: dict[str, Any], named: str) -> None:
+    problem = api.refused(400, "invalid_input", "POST", "/points/rules", body)
+    assert names(problem, named), problem
 
 
 @pytest.mark.parametrize(
-    "body",
+    ("body", "named"),
     [
-        {"events": "many"},
-        {"events": []},
-        {"events": [{"source": "s"}]},
-        {"events": [{"source": "s", "event_id": "e", "participant": "p", "type": "t", "occurred_at": "now"}]},
-        {"events": [{"source": "s", "event_id": "e", "participant": "p", "type": "t",
-                     "occurred_at": "2030-01-01T00:00:00Z", "details": {"n": 1.5}}]},
-        {"evnts": []},
+        ({"events": "many"}, "Not a valid list"),
+        ({"events": []}, "1 to 10000 events"),
+        ({"events": [{"source": "s"}]}, "events[1]: missing"),
+        ({"events": [{"source": "s", "event_id": "e", "participant": "p", "type": "t",
+                      "occurred_at": "now"}]}, "events[1].occurred_at"),
+        ({"events": [{"source": "s", "event_id": "e", "participant": "p", "type": "t",
+                      "occurred_at": "2030-01-01T00:00:00Z", "details": {"n": 1.5}}]}, "floating-point"),
+        ({"evnts": []}, "evnts"),
     ],
 )  # fmt: skip
-def test_a_malformed_batch_is_400_and_writes_nothing(api: Api, world: World, body: dict[str, Any]) -> None:
+def test_a_malformed_batch_is_400_and_writes_nothing(
+    api: Api, world: World, body: dict[str, Any], named: str
+) -> None:
     if isinstance(body.get("events"), list) and body["events"]:
         body = {"events": _events(world, range(1), world.gold) + body["events"]}
-    api.refused(400, "invalid_input", "POST", "/points/events", body, role="operator")
+    problem = api.refused(400, "invalid_input", "POST", "/points/events", body, role="operator")
+    assert names(problem, named), problem
 
 
 def test_participants_bad_input_and_unknown_ids(api: Api, world: World) -> None:

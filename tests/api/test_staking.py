@@ -33,7 +33,7 @@ from ledger.escrow import party
 from ledger.settings import load_settings
 from ledger.staking import service
 from ledger.staking.accumulator import YEAR_S
-from tests.api.conftest import assert_problem, bearer
+from tests.api.conftest import assert_problem, bearer, names
 from tests.conftest import APP_ROLE, Databases
 from workers import staking_events
 
@@ -294,24 +294,24 @@ def test_a_pool_is_created_once_audited_and_mirrored_on_the_vault(api: Api) -> N
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("change", "named"),
     [
-        {"kind": "compound"},
-        {"apr_bps": 100},  # an emission pool has no APR
-        {"rate_per_s": None},
-        {"rate_per_s": 5},  # a JSON number, not a string of digits
-        {"rate_per_s": "-1"},
-        {"rate_per_s": str(2**256)},
-        {"lock_seconds": -1},
-        {"lock_seconds": 2**64},
-        {"min_stake": "1.5"},
-        {"cap": "0"},
-        {"active": "yes"},
-        {"name": ""},
-        {"colour": "blue"},
+        ({"kind": "compound"}, "kind"),
+        ({"apr_bps": 100}, "no apr_bps"),  # an emission pool has no APR
+        ({"rate_per_s": None}, "rate_per_s"),
+        ({"rate_per_s": 5}, "rate_per_s"),  # a JSON number, not a string of digits
+        ({"rate_per_s": "-1"}, "rate_per_s"),
+        ({"rate_per_s": str(2**256)}, "rate_per_s"),
+        ({"lock_seconds": -1}, "lock_seconds"),
+        ({"lock_seconds": 2**64}, "lock_seconds"),
+        ({"min_stake": "1.5"}, "min_stake"),
+        ({"cap": "0"}, "cap"),
+        ({"active": "yes"}, "active"),
+        ({"name": ""}, "name"),
+        ({"colour": "blue"}, "colour"),
     ],
 )
-def test_a_malformed_pool_is_refused_and_writes_nothing(api: Api, change: dict[str, Any]) -> None:
+def test_a_malformed_pool_is_refused_and_writes_nothing(api: Api, change: dict[str, Any], named: str) -> None:
     body: dict[str, Any] = {
         "name": "malformed",
         "kind": "emission",
@@ -319,7 +319,8 @@ def test_a_malformed_pool_is_refused_and_writes_nothing(api: Api, change: dict[s
         "lock_seconds": 0,
         "min_stake": "0",
     }
-    api.refused(400, "invalid_input", "POST", "/staking/pools", {**body, **change})
+    problem = api.refused(400, "invalid_input", "POST", "/staking/pools", {**body, **change})
+    assert names(problem, named), problem
 
 
 @pytest.mark.parametrize(
@@ -335,11 +336,17 @@ def test_only_admin_and_finance_manage_pools(api: Api, role: str | None, status:
         "lock_seconds": 0,
         "min_stake": "0",
     }
-    api.refused(status, code, "POST", "/staking/pools", body, role=role)
-    api.refused(status, code, "PATCH", f"/staking/pools/{pool['id']}", {"rate_per_s": "2"}, role=role)
-    api.refused(
-        status, code, "POST", f"/staking/pools/{pool['id']}/fund", {"key": "k", "amount": "1"}, role=role
-    )
+    refusals = [
+        api.refused(status, code, "POST", "/staking/pools", body, role=role),
+        api.refused(status, code, "PATCH", f"/staking/pools/{pool['id']}", {"rate_per_s": "2"}, role=role),
+        api.refused(
+            status, code, "POST", f"/staking/pools/{pool['id']}/fund", {"key": "k", "amount": "1"}, role=role
+        ),
+    ]
+    # A wrong role is told which roles may; no key is told a key is needed.
+    expected = "needs admin or finance" if role else "API key"
+    assert all(names(p, expected) for p in refusals), refusals
+    assert api.ok("GET", f"/staking/pools/{pool['id']}", role="auditor") == pool
 
 
 def test_funding_is_idempotent_by_key(api: Api) -> None:

@@ -94,14 +94,16 @@ def _do(q: Queue, fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _refused_unchanged(
-    q: Queue, error: type[Exception], code: str | None, fn: Any, *args: Any, **kwargs: Any
-) -> None:
+    q: Queue, error: type[LedgerError], code: str | None, fn: Any, *args: Any, **kwargs: Any
+) -> LedgerError:
+    """``fn`` raises ``error`` (of ``code``, when given) and nothing is written; returns the error."""
     before = q.state()
     with pytest.raises(error) as caught:
         _do(q, fn, *args, **kwargs)
     if code is not None:
-        assert getattr(caught.value, "code", None) == code
+        assert caught.value.code == code
     assert q.state() == before
+    return caught.value
 
 
 def test_assign_note_and_match(q: Queue) -> None:
@@ -222,62 +224,85 @@ def test_a_write_off_the_ledger_refuses_changes_nothing(q: Queue) -> None:
         reason="overdraws a limited account",
         actor=ALICE,
     )
-    _refused_unchanged(q, LedgerError, None, decide_writeoff, proposal["id"], approve=True, actor=BOB)
+    refusal = _refused_unchanged(
+        q, LedgerError, None, decide_writeoff, proposal["id"], approve=True, actor=BOB
+    )
+    # The ledger's own reason, naming the account it would overdraw.
+    assert "write-off entry was refused" in refusal.message
+    assert "user:limited" in refusal.message
+    assert _do(q, get_exception, 1)["status"] == "open"
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "code"),
+    ("kwargs", "error", "code", "named"),
     [
-        ({"debit": "nope", "credit": "revenue:unclaimed", "amount": 1}, NotFound, "unknown_account"),
+        (
+            {"debit": "nope", "credit": "revenue:unclaimed", "amount": 1},
+            NotFound,
+            "unknown_account",
+            "'nope'",
+        ),
         (
             {"debit": "suspense:chain:1", "credit": "suspense:chain:1", "amount": 1},
             InvalidInput,
             "invalid_input",
+            "two different accounts",
         ),
         (
             {"debit": "suspense:chain:1", "credit": "points:issued", "amount": 1},
             LedgerError,
             "asset_mismatch",
+            "points:issued holds PTS",
         ),
         (
             {"debit": "suspense:chain:1", "credit": "revenue:unclaimed", "amount": 0},
             InvalidInput,
             "invalid_input",
+            "greater than zero",
         ),
         (
             {"debit": "suspense:chain:1", "credit": "revenue:unclaimed", "amount": -5},
             InvalidInput,
             "invalid_input",
+            "greater than zero",
         ),
         (
             {"debit": "suspense:chain:1", "credit": "revenue:unclaimed", "amount": 2**256},
             InvalidInput,
             "invalid_input",
+            "below 2^256",
         ),
-        ({"debit": "bad code!", "credit": "revenue:unclaimed", "amount": 1}, InvalidInput, "invalid_input"),
+        (
+            {"debit": "bad code!", "credit": "revenue:unclaimed", "amount": 1},
+            InvalidInput,
+            "invalid_input",
+            "account code",
+        ),
     ],
 )
 def test_bad_write_offs_are_refused(
-    q: Queue, kwargs: dict[str, Any], error: type[Exception], code: str
+    q: Queue, kwargs: dict[str, Any], error: type[LedgerError], code: str, named: str
 ) -> None:
-    _refused_unchanged(q, error, code, propose_writeoff, 1, reason="r", actor=ALICE, **kwargs)
+    refusal = _refused_unchanged(q, error, code, propose_writeoff, 1, reason="r", actor=ALICE, **kwargs)
+    assert named in refusal.message
 
 
 @pytest.mark.parametrize(
-    ("fn", "args", "error", "code"),
+    ("fn", "args", "error", "code", "named"),
     [
-        (assign, (999, "bob", ALICE), NotFound, "unknown_exception"),
-        (assign, (1, "", ALICE), InvalidInput, "invalid_input"),
-        (assign, (0, "bob", ALICE), InvalidInput, "invalid_input"),
-        (add_note, (1, "   ", ALICE), InvalidInput, "invalid_input"),
-        (add_note, (1, "x" * 4001, ALICE), InvalidInput, "invalid_input"),
-        (resolve_match, (999, "why", ALICE), NotFound, "unknown_exception"),
+        (assign, (999, "bob", ALICE), NotFound, "unknown_exception", "no exception 999"),
+        (assign, (1, "", ALICE), InvalidInput, "invalid_input", "assignee"),
+        (assign, (0, "bob", ALICE), InvalidInput, "invalid_input", "exception id"),
+        (add_note, (1, "   ", ALICE), InvalidInput, "invalid_input", "note"),
+        (add_note, (1, "x" * 4001, ALICE), InvalidInput, "invalid_input", "note must be 1 to 4000"),
+        (resolve_match, (999, "why", ALICE), NotFound, "unknown_exception", "no exception 999"),
     ],
 )
 def test_bad_requests_are_refused(
-    q: Queue, fn: Any, args: tuple[Any, ...], error: type[Exception], code: str
+    q: Queue, fn: Any, args: tuple[Any, ...], error: type[LedgerError], code: str, named: str
 ) -> None:
-    _refused_unchanged(q, error, code, fn, *args)
+    refusal = _refused_unchanged(q, error, code, fn, *args)
+    assert named in refusal.message
 
 
 def test_deciding_an_unknown_write_off_is_refused(q: Queue) -> None:
