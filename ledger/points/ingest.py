@@ -315,7 +315,7 @@ def ingest(conn: sa.Connection, events: object) -> IngestReport:
         {"src": batch.src, "eid": batch.eid, "pid": batch.pid, "typ": batch.typ, "occ": batch.occ},
     )
     # Only the scoring statement runs in a savepoint (rolled back when it lost a race); the
-    # ledger refuses entries booked by a subtransaction, so the booking follows outside it.
+    # booking follows once the batch's scores stand.
     for attempt in range(RACE_RETRIES + 1):
         batch_id = int(conn.execute(sa.text("SELECT nextval('points_batches')")).scalar_one())
         try:

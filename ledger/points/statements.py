@@ -101,7 +101,7 @@ class Accrual:
     def reason(self) -> str:
         text = (
             f"{self.event_type} v{self.rule_version}: {self.base_points} points"
-            f" x {self.multiplier_bps / 100:g}% ({self.tier}) = {self.earned}"
+            f" x {_percent(self.multiplier_bps)}% ({self.tier}) = {self.earned}"
         )
         if self.capped:
             text += f"; daily cap reached, {self.points} credited"
@@ -166,3 +166,9 @@ def lots_consistent(conn: sa.Connection, participant_id: str) -> bool:
         {"p": participant_id},
     ).scalar_one()
     return int(held_in_lots) == b.available
+
+
+def _percent(bps: int) -> str:
+    """Basis points as a percentage, exactly (15050 -> "150.5"), without a float."""
+    whole, part = divmod(bps, 100)
+    return str(whole) if part == 0 else f"{whole}.{part:02d}".rstrip("0")
