@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import flask
 import pytest
 import sqlalchemy as sa
 from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
 
 from admin_api.app import close_app, create_app
 from admin_api.auth import ROLES, create_api_key
@@ -118,3 +119,45 @@ def assert_problem(response: Any, status: int, code: str) -> dict[str, Any]:
     assert body["instance"] == response.request.path
     assert body["request_id"] == response.headers["X-Request-ID"]
     return body
+
+
+@dataclass
+class RouteClient:
+    """Calls an app's routes as a staff role, and checks that a refused request writes nothing.
+
+    A subclass names its default role and, in ``STATE_SQL``, the queries whose answers a refused
+    request must leave as they were.
+    """
+
+    client: FlaskClient
+    engine: sa.Engine
+    keys: dict[str, str]
+    DEFAULT_ROLE: ClassVar[str] = "finance"
+    STATE_SQL: ClassVar[Mapping[str, str]] = {}
+
+    def call(self, method: str, path: str, body: Any = None, *, role: str | None = "") -> TestResponse:
+        role = self.DEFAULT_ROLE if role == "" else role
+        headers = bearer(self.keys[role]) if role else {}
+        return self.client.open(path, method=method, json=body, headers=headers)
+
+    def ok(
+        self, method: str, path: str, body: Any = None, *, role: str | None = "", expect: int = 200
+    ) -> Any:
+        response = self.call(method, path, body, role=role)
+        assert response.status_code == expect, response.get_data(as_text=True)
+        return response.get_json()
+
+    def state(self) -> dict[str, list[tuple[Any, ...]]]:
+        with self.engine.connect() as conn:
+            return {
+                name: [tuple(r) for r in conn.execute(sa.text(sql))] for name, sql in self.STATE_SQL.items()
+            }
+
+    def refused(
+        self, status: int, code: str, method: str, path: str, body: Any = None, *, role: str | None = ""
+    ) -> dict[str, Any]:
+        """The request is refused with ``status`` and ``code`` and writes nothing."""
+        before = self.state()
+        problem = assert_problem(self.call(method, path, body, role=role), status, code)
+        assert self.state() == before, f"{method} {path} wrote something although it was refused"
+        return problem

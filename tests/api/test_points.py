@@ -13,8 +13,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from eth_account import Account
-from flask.testing import FlaskClient
-from werkzeug.test import TestResponse
 
 from admin_api.app import close_app, create_app
 from admin_api.auth import create_api_key, key_prefix
@@ -23,7 +21,7 @@ from ledger import db
 from ledger.escrow import party
 from ledger.points import claims
 from ledger.settings import load_settings
-from tests.api.conftest import assert_problem, bearer, names
+from tests.api.conftest import RouteClient, names
 from tests.conftest import APP_ROLE, Databases
 
 DEPLOYMENT = Deployment(
@@ -50,33 +48,9 @@ _STATE_SQL = (
 
 
 @dataclass
-class Api:
-    client: FlaskClient
-    engine: sa.Engine
-    keys: dict[str, str]
-
-    def call(self, method: str, path: str, body: Any = None, *, role: str | None = "admin") -> TestResponse:
-        headers = bearer(self.keys[role]) if role else {}
-        return self.client.open(path, method=method, json=body, headers=headers)
-
-    def ok(
-        self, method: str, path: str, body: Any = None, *, role: str | None = "admin", expect: int = 200
-    ) -> Any:
-        response = self.call(method, path, body, role=role)
-        assert response.status_code == expect, response.get_data(as_text=True)
-        return response.get_json()
-
-    def state(self) -> tuple[Any, ...]:
-        with self.engine.connect() as conn:
-            return tuple(conn.execute(sa.text(_STATE_SQL)).one())
-
-    def refused(
-        self, status: int, code: str, method: str, path: str, body: Any = None, *, role: str | None = "admin"
-    ) -> dict[str, Any]:
-        before = self.state()
-        problem = assert_problem(self.call(method, path, body, role=role), status, code)
-        assert self.state() == before, f"{method} {path} wrote something although it was refused"
-        return problem
+class Api(RouteClient):
+    DEFAULT_ROLE = "admin"
+    STATE_SQL = {"counts": _STATE_SQL}
 
     def audit(self, target: str) -> list[tuple[str, str, str]]:
         with self.engine.connect() as conn:

@@ -19,8 +19,6 @@ import sqlalchemy as sa
 from eth_abi.abi import decode
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from flask.testing import FlaskClient
-from werkzeug.test import TestResponse
 
 from admin_api.app import close_app, create_app
 from admin_api.auth import create_api_key
@@ -33,7 +31,7 @@ from ledger.escrow import party
 from ledger.settings import load_settings
 from ledger.staking import service
 from ledger.staking.accumulator import YEAR_S
-from tests.api.conftest import assert_problem, bearer, names
+from tests.api.conftest import RouteClient, names
 from tests.conftest import APP_ROLE, Databases
 from workers import staking_events
 
@@ -75,41 +73,9 @@ class VaultEvent:
 
 
 @dataclass
-class Api:
-    client: FlaskClient
-    engine: sa.Engine
-    keys: dict[str, str]
+class Api(RouteClient):
     clock: list[int] = field(default_factory=lambda: [T0])
-
-    def call(self, method: str, path: str, body: Any = None, *, role: str | None = "finance") -> TestResponse:
-        headers = bearer(self.keys[role]) if role else {}
-        return self.client.open(path, method=method, json=body, headers=headers)
-
-    def ok(
-        self, method: str, path: str, body: Any = None, *, role: str | None = "finance", expect: int = 200
-    ) -> Any:
-        response = self.call(method, path, body, role=role)
-        assert response.status_code == expect, response.get_data(as_text=True)
-        return response.get_json()
-
-    def state(self) -> dict[str, list[tuple[Any, ...]]]:
-        with self.engine.connect() as conn:
-            return {name: [tuple(r) for r in conn.execute(sa.text(sql))] for name, sql in _STATE_SQL.items()}
-
-    def refused(
-        self,
-        status: int,
-        code: str,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        role: str | None = "finance",
-    ) -> dict[str, Any]:
-        before = self.state()
-        problem = assert_problem(self.call(method, path, body, role=role), status, code)
-        assert self.state() == before, f"{method} {path} wrote something although it was refused"
-        return problem
+    STATE_SQL = _STATE_SQL
 
     def pool(self, name: str, **changes: Any) -> dict[str, Any]:
         body: dict[str, Any] = {
