@@ -32,6 +32,7 @@ from admin_api.resources import (
     points,
     reconciliation,
     staking,
+    treasury,
 )
 from ledger.db import make_engine
 from ledger.logs import configure_logging
@@ -115,6 +116,7 @@ def create_app(
         audit_log.blp,
         reconciliation.blp,
         exceptions.blp,
+        treasury.blp,
     ):
         api.register_blueprint(blueprint)
     app.before_request(_start_request)

@@ -39,6 +39,7 @@ _SUBCOMMANDS = {
     "staking": "admin_api.cli.staking:staking",
     "reconcile": "admin_api.cli.reconcile:reconcile",
     "exceptions": "admin_api.cli.exceptions:exceptions",
+    "treasury": "admin_api.cli.treasury:treasury_group",
 }
 _OPTIONAL = frozenset({"bench"})
 

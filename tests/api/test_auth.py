@@ -98,6 +98,9 @@ EXPECTED_ROLES: dict[tuple[str, str], tuple[str | None, ...]] = {
     ("post", "/exceptions/{exception_id}/writeoffs"): ("admin", "finance"),
     ("post", "/writeoffs/{writeoff_id}/approve"): ("admin", "finance"),
     ("post", "/writeoffs/{writeoff_id}/reject"): ("admin", "finance"),
+    # Minting into the treasury is the admin's alone; reading a top-up is for every staff role.
+    ("post", "/treasury/mints"): ("admin",),
+    ("get", "/treasury/mints/{key}"): ("admin", "finance", "auditor", "operator"),
 }
 # Routes that read the chain: without a deployment record and a node (as here) they answer 503,
 # which says the service is not set up, not that the caller may not ask.
