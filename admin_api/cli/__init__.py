@@ -40,6 +40,7 @@ _SUBCOMMANDS = {
     "reconcile": "admin_api.cli.reconcile:reconcile",
     "exceptions": "admin_api.cli.exceptions:exceptions",
     "treasury": "admin_api.cli.treasury:treasury_group",
+    "demo": "admin_api.cli.demo:demo",
 }
 _OPTIONAL = frozenset({"bench"})
 

@@ -282,6 +282,8 @@ def dev(settings: Settings) -> None:
         return process
 
     try:
+        # The admin key and the deployment record live there, whichever servers are embedded.
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             if settings.database_url:
                 pg_url = settings.database_url
