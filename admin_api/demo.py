@@ -257,7 +257,7 @@ class Day:
             name: int(c.get(f"/points/participants/{tag}-{name}/balance")["available"]) for name in tiers
         }
         c.step(
-            f"points: {len(events)} delivery events accrued {sum(earned.values()):,} points"
+            f"points: {len(events)} shipment events accrued {sum(earned.values()):,} points"
             f" (the scanner's retry of the batch: {again['exists']} already counted, {again['created']} new)"
         )
         # Alice and Bob claim with their wallets' signatures; finance pays Carol and Dave.
@@ -638,6 +638,7 @@ class Day:
         c = self.c
         run = c.call("POST", "/reconciliation/runs", {}, role="finance")
         exceptions = self._open_exceptions(first_exception)
+        earlier = len(self._open_exceptions(0)) - len(exceptions)
         reserves = c.get(f"/reconciliation/reserves?at_block={run['to_block']}")
         expected = self.summary["unexplained_transfer"]["tx_hash"]
         checks = {
@@ -653,6 +654,7 @@ class Day:
             {
                 "reconciliation": run,
                 "exceptions": exceptions,
+                "earlier_open_exceptions": earlier,
                 "reserves": reserves,
                 "checks": checks,
                 "ok": all(checks.values()),
@@ -683,7 +685,11 @@ def report_lines(summary: dict[str, Any]) -> list[str]:
         f" chain {trace(run['minted']['chain'])}"
     )
     lines.append("")
-    lines.append(f"Open exceptions raised today: {len(summary['exceptions'])}")
+    earlier = summary["earlier_open_exceptions"]
+    lines.append(
+        f"Open exceptions raised during the day: {len(summary['exceptions'])}"
+        + (f" ({earlier} from before the day are still open)" if earlier else "")
+    )
     for e in summary["exceptions"]:
         details = e.get("details") or {}
         amount = details.get("amount")

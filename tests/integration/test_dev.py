@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,7 +53,9 @@ def _refuses(port: int) -> bool:
 class DevProcess:
     """One `tracechain dev` run, its printed fields, stopped at teardown whatever happens."""
 
-    def __init__(self, data_dir: Path, api_port: int, chain_port: int) -> None:
+    def __init__(
+        self, data_dir: Path, api_port: int, chain_port: int, overrides: Mapping[str, str] | None = None
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("TRACE_DATABASE_URL", "TRACE_REDIS_URL")}
         env.update(
             TRACE_DATA_DIR=str(data_dir),
@@ -64,6 +66,7 @@ class DevProcess:
             TRACE_INDEXER_INTERVAL_S="0.5",
             TRACE_LOG_LEVEL="WARNING",
         )
+        env.update(overrides or {})
         self.env = env
         self.stderr_path = data_dir.parent / f"dev-{time.monotonic_ns()}.err"
         self._stderr = self.stderr_path.open("wb")
