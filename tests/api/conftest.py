@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import flask
@@ -15,7 +17,9 @@ from werkzeug.test import TestResponse
 
 from admin_api.app import close_app, create_app
 from admin_api.auth import ROLES, create_api_key
+from contracts.deployment import Deployment
 from ledger import accounts
+from ledger.settings import load_settings
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +39,30 @@ def app(app_engine: sa.Engine) -> Iterator[flask.Flask]:
 @pytest.fixture
 def client(app: flask.Flask) -> FlaskClient:
     return app.test_client()
+
+
+@contextlib.contextmanager
+def deployed_app(
+    engine: sa.Engine, work: Path, deployment: Deployment, label: str, roles: Iterable[str], **env: str
+) -> Iterator[tuple[FlaskClient, dict[str, str]]]:
+    """A test client of an app on ``engine`` that reads ``deployment`` from ``work`` (more settings
+    in ``env``), and a staff key for each of ``roles`` labelled ``label``."""
+    deployment.save(work / "deployment.json")
+    settings = load_settings(
+        {
+            "TRACE_DATA_DIR": str(work),
+            "TRACE_DEPLOYMENT_FILE": str(work / "deployment.json"),
+            "TRACE_LOG_LEVEL": "WARNING",
+            **env,
+        }
+    )
+    app = create_app(settings, engine=engine)
+    with engine.begin() as conn:
+        keys = {role: create_api_key(conn, role, f"{label} {role}") for role in roles}
+    try:
+        yield app.test_client(), keys
+    finally:
+        close_app(app)
 
 
 def bearer(key: str, **extra: str) -> dict[str, str]:

@@ -14,14 +14,12 @@ import pytest
 import sqlalchemy as sa
 from eth_account import Account
 
-from admin_api.app import close_app, create_app
-from admin_api.auth import create_api_key, key_prefix
+from admin_api.auth import key_prefix
 from contracts.deployment import Deployment
 from ledger import db
 from ledger.escrow import party
 from ledger.points import claims
-from ledger.settings import load_settings
-from tests.api.conftest import RouteClient, names
+from tests.api.conftest import RouteClient, deployed_app, names
 from tests.conftest import APP_ROLE, Databases
 
 DEPLOYMENT = Deployment(
@@ -66,25 +64,14 @@ def api(databases: Databases, template_db: str, tmp_path_factory: pytest.TempPat
     name = databases.create(template=template_db)
     engine = db.make_engine(databases.url(name), role=APP_ROLE, pool_size=2)
     work: Path = tmp_path_factory.mktemp("points-api")
-    DEPLOYMENT.save(work / "deployment.json")
-    settings = load_settings(
-        {
-            "TRACE_DATA_DIR": str(work),
-            "TRACE_DEPLOYMENT_FILE": str(work / "deployment.json"),
-            "TRACE_POINTS_PER_TRACE": "100",
-            "TRACE_LOG_LEVEL": "WARNING",
-        }
-    )
-    app = create_app(settings, engine=engine)
-    with engine.begin() as conn:
-        keys = {
-            role: create_api_key(conn, role, f"points {role}")
-            for role in ("admin", "finance", "auditor", "operator")
-        }
+    roles = ("admin", "finance", "auditor", "operator")
     try:
-        yield Api(app.test_client(), engine, keys)
+        with deployed_app(engine, work, DEPLOYMENT, "points", roles, TRACE_POINTS_PER_TRACE="100") as (
+            client,
+            keys,
+        ):
+            yield Api(client, engine, keys)
     finally:
-        close_app(app)
         engine.dispose()
         databases.drop(name)
 

@@ -15,8 +15,6 @@ from eth_account import Account
 from flask.testing import FlaskClient
 from web3 import Web3
 
-from admin_api.app import close_app, create_app
-from admin_api.auth import create_api_key
 from contracts.bindings import contract_at, transact
 from contracts.client import ChainClient
 from contracts.deploy import deploy_platform
@@ -24,8 +22,7 @@ from contracts.deployment import Deployment
 from contracts.devchain import DevChain, DevChainServer
 from contracts.events import LogDecoder
 from ledger import db
-from ledger.settings import load_settings
-from tests.api.conftest import assert_problem, audit_rows, bearer
+from tests.api.conftest import assert_problem, audit_rows, bearer, deployed_app
 from tests.conftest import APP_ROLE, Databases
 from workers.indexer import Indexer
 
@@ -61,7 +58,6 @@ def api(databases: Databases, template_db: str, tmp_path_factory: pytest.TempPat
         deployment = deploy_platform(
             w3, Account.from_key(deployer.private_key), signer=signer.address, fee_wallet=fees.address
         )
-        deployment.save(work / "deployment.json")
         token = contract_at(w3, "TraceToken", deployment.token)
         platform = Account.from_key(signer.private_key)
         transact(w3, token.functions.mint(user.address, 40 * TRACE), platform)
@@ -71,23 +67,14 @@ def api(databases: Databases, template_db: str, tmp_path_factory: pytest.TempPat
             Account.from_key(user.private_key),
         )
         Indexer(engine, ChainClient(w3), deployment, LogDecoder(), confirmations=0, window_max=100).run_once()
-        settings = load_settings(
-            {
-                "TRACE_DATA_DIR": str(work),
-                "TRACE_DEPLOYMENT_FILE": str(work / "deployment.json"),
-                "TRACE_RPC_URL": server.url,
-                "TRACE_LOG_LEVEL": "WARNING",
-            }
-        )
-        app = create_app(settings, engine=engine)
-        with engine.begin() as conn:
-            keys = {
-                role: create_api_key(conn, role, f"recon {role}") for role in ("finance", "auditor", "admin")
-            }
+        roles = ("finance", "auditor", "admin")
         try:
-            yield Api(app.test_client(), engine, keys, deployment)
+            with deployed_app(engine, work, deployment, "recon", roles, TRACE_RPC_URL=server.url) as (
+                client,
+                keys,
+            ):
+                yield Api(client, engine, keys, deployment)
         finally:
-            close_app(app)
             engine.dispose()
             databases.drop(name)
 

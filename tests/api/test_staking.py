@@ -20,18 +20,15 @@ from eth_abi.abi import decode
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from admin_api.app import close_app, create_app
-from admin_api.auth import create_api_key
 from admin_api.resources import staking as staking_routes
 from contracts.deployment import Deployment
 from ledger import custody, db
 from ledger.commands import ChainRef
 from ledger.engine import post_batch
 from ledger.escrow import party
-from ledger.settings import load_settings
 from ledger.staking import service
 from ledger.staking.accumulator import YEAR_S
-from tests.api.conftest import RouteClient, names
+from tests.api.conftest import RouteClient, deployed_app, names
 from tests.conftest import APP_ROLE, Databases
 from workers import staking_events
 
@@ -163,24 +160,9 @@ def engine(databases: Databases, template_db: str) -> Iterator[sa.Engine]:
 @pytest.fixture(scope="module")
 def api(engine: sa.Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     work: Path = tmp_path_factory.mktemp("staking-api")
-    DEPLOYMENT.save(work / "deployment.json")
-    settings = load_settings(
-        {
-            "TRACE_DATA_DIR": str(work),
-            "TRACE_DEPLOYMENT_FILE": str(work / "deployment.json"),
-            "TRACE_LOG_LEVEL": "WARNING",
-        }
-    )
-    app = create_app(settings, engine=engine)
-    with engine.begin() as conn:
-        keys = {
-            role: create_api_key(conn, role, f"staking tests {role}")
-            for role in ("admin", "finance", "auditor", "operator")
-        }
-    try:
-        yield Api(app.test_client(), engine, keys)
-    finally:
-        close_app(app)
+    roles = ("admin", "finance", "auditor", "operator")
+    with deployed_app(engine, work, DEPLOYMENT, "staking tests", roles) as (client, keys):
+        yield Api(client, engine, keys)
 
 
 @pytest.fixture(autouse=True)

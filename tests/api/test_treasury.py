@@ -10,11 +10,8 @@ from typing import Any
 
 import pytest
 
-from admin_api.app import close_app, create_app
-from admin_api.auth import create_api_key
 from ledger import db, treasury
-from ledger.settings import load_settings
-from tests.api.conftest import RouteClient, names
+from tests.api.conftest import RouteClient, deployed_app, names
 from tests.api.test_points import DEPLOYMENT
 from tests.books import totals
 from tests.conftest import APP_ROLE, Databases
@@ -38,23 +35,13 @@ def api(databases: Databases, template_db: str, tmp_path_factory: pytest.TempPat
     name = databases.create(template=template_db)
     engine = db.make_engine(databases.url(name), role=APP_ROLE, pool_size=2)
     work: Path = tmp_path_factory.mktemp("treasury-api")
-    DEPLOYMENT.save(work / "deployment.json")
-    settings = load_settings(
-        {
-            "TRACE_DATA_DIR": str(work),
-            "TRACE_DEPLOYMENT_FILE": str(work / "deployment.json"),
-            "TRACE_LOG_LEVEL": "WARNING",
-        }
-    )
-    app = create_app(settings, engine=engine)
-    with engine.begin() as conn:
-        keys = {
-            role: create_api_key(conn, role, f"treasury {role}") for role in ("admin", "finance", "auditor")
-        }
     try:
-        yield Api(app.test_client(), engine, keys)
+        with deployed_app(engine, work, DEPLOYMENT, "treasury", ("admin", "finance", "auditor")) as (
+            client,
+            keys,
+        ):
+            yield Api(client, engine, keys)
     finally:
-        close_app(app)
         engine.dispose()
         databases.drop(name)
 

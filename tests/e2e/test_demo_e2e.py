@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import sqlalchemy as sa
@@ -22,23 +21,17 @@ from contracts.deployment import Deployment
 from ledger import db
 from tests.books import assert_books_balance
 from tests.conftest import APP_ROLE, Databases
+from tests.e2e.kit import own_redis_db
 from tests.integration.test_dev import TRACECHAIN, DevProcess, _free_port
 
+REDIS_DB = 13  # this module's own Redis database
 DEMO_TIMEOUT_S = 600
-
-
-def _own_redis_db(url: str) -> str:
-    """The test Redis server, on a database of this module's own (its queues meet no other test's)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        return url  # an embedded server of this test worker's own
-    return urlunsplit(parts._replace(path="/13"))
 
 
 def test_a_day_on_the_cluster_reconciles(
     databases: Databases, template_db: str, redis_url: str, tmp_path: Path
 ) -> None:
-    broker = _own_redis_db(redis_url)
+    broker = own_redis_db(redis_url, REDIS_DB)
     redis.Redis.from_url(broker).flushdb()
     database_url = databases.url(databases.create(template=template_db))
     with start_anvil(block_time_s=1.0) as anvil:

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -37,20 +36,14 @@ from ledger.escrow import attestation, party
 from ledger.settings import load_settings
 from tests.books import assert_books_balance
 from tests.conftest import APP_ROLE, Databases
+from tests.e2e.kit import own_redis_db
 
+REDIS_DB = 12  # this module's own Redis database
 BIN = Path(sys.executable).parent
 TRACE = 10**18
 APPROVAL_ABOVE = 50 * TRACE
 ATTESTORS = {n: attestation.generate_attestor(n.encode().ljust(32, b"#")) for n in ("carrier", "customs")}
 WAIT_S = 90.0
-
-
-def _own_redis_db(url: str) -> str:
-    """The test Redis server, on a database of this module's own (its queues meet no other test's)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        return url  # an embedded server of this test worker's own
-    return urlunsplit(parts._replace(path="/12"))
 
 
 class Platform:
@@ -257,7 +250,7 @@ def platform(
     databases: Databases, template_db: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Platform]:
     work = tmp_path_factory.mktemp("escrow-e2e")
-    broker = _own_redis_db(redis_url)
+    broker = own_redis_db(redis_url, REDIS_DB)
     redis.Redis.from_url(broker).flushdb()
     database_url = databases.url(databases.create(template=template_db))
     engine = db.make_engine(database_url, role=APP_ROLE, pool_size=4)

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -34,18 +33,13 @@ from ledger.points import claims
 from ledger.settings import load_settings
 from tests.books import assert_books_balance, totals
 from tests.conftest import APP_ROLE, Databases
+from tests.e2e.kit import own_redis_db
 from workers.app import TASK_POINTS_INGEST, make_celery
 
+REDIS_DB = 10  # this module's own Redis database
 BIN = Path(sys.executable).parent
 TRACE = 10**18
 WAIT_S = 240.0
-
-
-def _own_redis_db(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        return url
-    return urlunsplit(parts._replace(path="/10"))
 
 
 class Platform:
@@ -109,7 +103,7 @@ def platform(
     databases: Databases, template_db: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Platform]:
     work = tmp_path_factory.mktemp("points-e2e")
-    broker = _own_redis_db(redis_url)
+    broker = own_redis_db(redis_url, REDIS_DB)
     redis.Redis.from_url(broker).flushdb()
     database_url = databases.url(databases.create(template=template_db))
     engine = db.make_engine(database_url, role=APP_ROLE, pool_size=4)

@@ -12,7 +12,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -28,18 +27,11 @@ from ledger import db
 from ledger.escrow import party
 from ledger.settings import load_settings
 from tests.conftest import APP_ROLE, Databases
+from tests.e2e.kit import own_redis_db
 from tests.e2e.test_escrow_e2e import BIN, TRACE, Platform
 
+REDIS_DB = 11  # this module's own Redis database
 RATE = 10**16  # base units a second
-REDIS_DB = "/11"
-
-
-def _own_redis_db(url: str, path: str) -> str:
-    """The test Redis server, on a database of this module's own (its queues meet no other test's)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        return url  # an embedded server of this test worker's own
-    return urlunsplit(parts._replace(path=path))
 
 
 class Staking(Platform):
@@ -91,7 +83,7 @@ def staking(
     databases: Databases, template_db: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Staking]:
     work = tmp_path_factory.mktemp("staking-e2e")
-    broker = _own_redis_db(redis_url, REDIS_DB)
+    broker = own_redis_db(redis_url, REDIS_DB)
     redis.Redis.from_url(broker).flushdb()
     database_url = databases.url(databases.create(template=template_db))
     engine = db.make_engine(database_url, role=APP_ROLE, pool_size=4)
