@@ -35,6 +35,7 @@ class Settings:
     api_threads: int = 8
     engine_batch_max: int = 2000
     engine_linger_ms: float = 0.0
+    gc_gen0_threshold: int = 10_000
     test_database_url: str | None = None
     test_redis_url: str | None = None
     rpc_url: str | None = None
@@ -159,6 +160,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         api_threads=_int(source, "TRACE_API_THREADS", 8, 1, 256),
         engine_batch_max=_int(source, "TRACE_ENGINE_BATCH_MAX", 2000, 1, BATCH_MAX_COMMANDS),
         engine_linger_ms=_float(source, "TRACE_ENGINE_LINGER_MS", 0.0, 1000.0),
+        gc_gen0_threshold=_int(source, "TRACE_GC_GEN0_THRESHOLD", 10_000, 100, 10_000_000),
         test_database_url=_opt(source, "TRACE_TEST_DATABASE_URL"),
         test_redis_url=_opt(source, "TRACE_TEST_REDIS_URL"),
         rpc_url=_opt(source, "TRACE_RPC_URL"),

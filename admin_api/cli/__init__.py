@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from admin_api.cli.runtime import BadUsage, Failed
 from ledger.errors import InvalidInput, LedgerError
 from ledger.logs import configure_logging
+from ledger.posting import tune_gc
 from ledger.settings import SettingsError, load_settings
 
 # name -> "module:attribute"; a missing optional module just leaves its command out.
@@ -103,4 +104,5 @@ def main(ctx: click.Context) -> None:
     """
     settings = load_settings()
     configure_logging(settings)
+    tune_gc(settings.gc_gen0_threshold)  # every process of the cluster starts here
     ctx.obj = settings

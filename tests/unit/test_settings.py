@@ -28,6 +28,7 @@ def test_values_are_parsed_from_the_environment() -> None:
             "TRACE_API_WORKERS": "8",
             "TRACE_ENGINE_BATCH_MAX": "500",
             "TRACE_ENGINE_LINGER_MS": "2.5",
+            "TRACE_GC_GEN0_THRESHOLD": "50000",
         }
     )
     assert settings.database_url == "postgresql://u@db:5432/books"
@@ -38,6 +39,7 @@ def test_values_are_parsed_from_the_environment() -> None:
     assert settings.log_json is False
     assert (settings.api_host, settings.api_port, settings.api_workers) == ("0.0.0.0", 9000, 8)
     assert (settings.engine_batch_max, settings.engine_linger_ms) == (500, 2.5)
+    assert settings.gc_gen0_threshold == 50_000
 
 
 @pytest.mark.parametrize("name", ["TRACE_API_PORT", "TRACE_ENGINE_BATCH_MAX", "TRACE_LOG_JSON"])
