@@ -179,6 +179,7 @@ class _Batch:
             " FROM unnest(%s::text[]) AS k(key)"
             " CROSS JOIN LATERAL (SELECT * FROM ledger_entries x WHERE x.idempotency_key = k.key) e",
             (list(keys | refs),),
+            binary=True,
         )
         for key, entry_id, digest, was_reversed in self.cur.fetchall():
             self.known[key] = _KnownEntry(entry_id, bytes(digest), reversed=was_reversed)
@@ -220,6 +221,7 @@ class _Batch:
             " FROM ledger_accounts a WHERE a.code = ANY(%s) OR a.id = ANY(%s::bigint[])"
             " ORDER BY a.id FOR UPDATE",
             (list(codes), list(ids)),
+            binary=True,  # thousands of codes: binary arrays need no quoting
         )
         for row in self.cur.fetchall():
             account = _Account(row[0], row[1], row[2], row[3], row[4], row[5], [int(v) for v in row[6:10]])
