@@ -380,11 +380,24 @@ class _Batch:
         reverses: int | None,
     ) -> int:
         """Apply ``legs`` atomically to the in-memory balances; plan the rows; return an id."""
+        now = self.now
+        # The ids this entry takes if it is accepted; nothing advances before it is.
+        entry_id = self.entry_ids[self.next_entry]
+        next_transfer = self.next_transfer
+        timeout_at = None
+        if isinstance(command, NewEntry) and command.legs[0].timeout_s is not None:
+            timeout_at = now + timedelta(seconds=command.legs[0].timeout_s)
+        chain = command.chain
+        block = chain.block_number if chain is not None else None
         touched: dict[int, list[int]] = {}
-        rows: list[list[Any]] = []
+        planned: list[list[Any]] = []
         for kind, debit, credit, amount, held, pending_id in legs:
-            d = touched.setdefault(debit.id, list(debit.balances))
-            c = touched.setdefault(credit.id, list(credit.balances))
+            d = touched.get(debit.id)
+            if d is None:
+                d = touched[debit.id] = list(debit.balances)
+            c = touched.get(credit.id)
+            if c is None:
+                c = touched[credit.id] = list(credit.balances)
             if kind == "posted":
                 d[0] += amount
                 c[1] += amount
@@ -397,20 +410,27 @@ class _Batch:
                     c[1] += amount
                 d[2] -= held
                 c[3] -= held
-            rows.append(
+            # The balances after this transfer, as the row records them.
+            planned.append(
                 [
+                    self.transfer_ids[next_transfer],
+                    entry_id,
                     kind,
                     debit.id,
                     credit.id,
                     debit.asset_id,
                     amount,
                     pending_id,
+                    timeout_at if kind == "pending" else None,
+                    now,
+                    block,
                     d[0],
                     d[2],
                     c[1],
                     c[3],
                 ]
             )
+            next_transfer += 1
         for account_id, bal in touched.items():
             account = self.accounts_by_id[account_id]
             if account.debits_must_not_exceed_credits and bal[0] + bal[2] > bal[1]:
@@ -425,33 +445,10 @@ class _Batch:
                 )
         for account_id, bal in touched.items():
             self.accounts_by_id[account_id].balances = bal
-        entry_id = self.entry_ids[self.next_entry]
         self.next_entry += 1
-        timeout_at = None
-        if isinstance(command, NewEntry) and command.legs[0].timeout_s is not None:
-            timeout_at = self.now + timedelta(seconds=command.legs[0].timeout_s)
-        chain = command.chain
-        block = chain.block_number if chain is not None else None
-        first_transfer_id = self.transfer_ids[self.next_transfer]
-        for row in rows:
-            kind, debit_id, credit_id, asset_id, amount, pending_id = row[:6]
-            self.plan.transfers.append(
-                [
-                    self.transfer_ids[self.next_transfer],
-                    entry_id,
-                    kind,
-                    debit_id,
-                    credit_id,
-                    asset_id,
-                    amount,
-                    pending_id,
-                    timeout_at if kind == "pending" else None,
-                    self.now,
-                    block,
-                    *row[6:],
-                ]
-            )
-            self.next_transfer += 1
+        self.next_transfer = next_transfer
+        self.plan.transfers.extend(planned)
+        first_transfer_id = planned[0][0]
         effective = getattr(command, "effective_at", None) or self.now
         chain_cols = chain.as_list() if chain is not None else [None] * 5
         self.plan.entries.append(
@@ -468,12 +465,13 @@ class _Batch:
             )
         )
         self.batch_entries[command.key] = _KnownEntry(
-            entry_id, command.content_hash, [(0, r[0], r[1], r[2], r[3], r[4]) for r in rows]
+            entry_id, command.content_hash, [(0, r[2], r[3], r[4], r[5], r[6]) for r in planned]
         )
         if isinstance(command, NewEntry) and command.legs[0].pending:
             # A hold booked in this batch may be resolved later in the same batch.
+            _tid, _entry, _kind, debit_id, credit_id, asset_id, amount = planned[0][:7]
             self.holds[command.key] = _Hold(
-                first_transfer_id, rows[0][1], rows[0][2], rows[0][3], rows[0][4], timeout_at
+                first_transfer_id, debit_id, credit_id, asset_id, amount, timeout_at
             )
         if isinstance(command, Reverse):
             (self.known.get(command.entry_key) or self.batch_entries[command.entry_key]).reversed = True
