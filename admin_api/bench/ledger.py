@@ -136,11 +136,13 @@ class Plan:
     single_producers: int = 256
 
 
-# Chosen by measurement on a 2-core machine: 32 producers x 64 entries with batch_max 2000 gave
-# the most once balance updates stopped paying for the account code's regex (migration 0012);
-# per_submit 1 with 64-512 producers 3-4k/s; a linger, batch_max 5000 or a second producer
-# process less, as batches then wait on each other's account locks.
-DEFAULT_KNOBS = Knobs(processes=1, producers=32, per_submit=64, batch_max=2000, linger_ms=0.0, drainers=2)
+# Chosen by measurement on a 2-core machine: 48 producers x 64 entries with batch_max 3000 gave
+# the most once balance updates stopped paying for the account code's regex (migration 0012)
+# and the collector stopped running dozens of times a batch (TRACE_GC_GEN0_THRESHOLD); 16 or 32
+# producers with batch_max 1000-2000 about 5-10 % less; per_submit 1 with 64-512 producers
+# 3-4k/s (as before); a linger or a third drainer less, as batches then wait on each other's
+# account locks.
+DEFAULT_KNOBS = Knobs(processes=1, producers=48, per_submit=64, batch_max=3000, linger_ms=0.0, drainers=2)
 QUICK = Plan(
     "quick", accounts=10_000, random_s=4.0, hot_s=3.0, api_requests=300, api_warmup=30, knobs=DEFAULT_KNOBS
 )
