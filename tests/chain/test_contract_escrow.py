@@ -58,9 +58,13 @@ def test_an_id_is_funded_once_even_after_its_escrow_is_exhausted(chain: Chain) -
     deadline = fund(chain)
     with chain.reverts("EscrowExists", id=ESCROW_ID):
         chain.send(chain.escrow.functions.fund(ESCROW_ID, p.seller, 1, deadline), p.other)
+    assert chain.escrow.functions.escrows(ESCROW_ID).call() == [p.buyer, p.seller, FUNDED, FUNDED, deadline]
     chain.send(chain.escrow.functions.release(ESCROW_ID, FUNDED, 0), p.arbiter)
     with chain.reverts("EscrowExists", id=ESCROW_ID):
         chain.send(chain.escrow.functions.fund(ESCROW_ID, p.seller, 1, deadline), p.buyer)
+    # The exhausted escrow keeps its record; nothing was pulled from the buyer again.
+    assert chain.escrow.functions.escrows(ESCROW_ID).call() == [p.buyer, p.seller, FUNDED, 0, deadline]
+    assert chain.balance(chain.escrow.address) == 0
 
 
 @pytest.mark.parametrize(
@@ -92,8 +96,12 @@ def test_fund_refuses_a_deadline_that_is_not_in_the_future(chain: Chain) -> None
 def test_fund_needs_the_allowance(chain: Chain) -> None:
     p = chain.parties
     chain.send(chain.token.functions.approve(chain.escrow.address, FUNDED - 1), p.buyer)
+    buyer_before = chain.balance(p.buyer)
     with chain.reverts("ERC20InsufficientAllowance", allowance=FUNDED - 1, needed=FUNDED):
         fund(chain)
+    assert remaining(chain) == 0
+    assert chain.balance(p.buyer) == buyer_before
+    assert chain.balance(chain.escrow.address) == 0
 
 
 def test_partial_releases_up_to_the_funded_amount_and_not_one_unit_more(chain: Chain) -> None:
@@ -142,6 +150,8 @@ def test_release_whose_sum_overflows_is_refused(chain: Chain) -> None:
     fund(chain)
     with chain.reverts("Panic", code=0x11):
         chain.send(chain.escrow.functions.release(ESCROW_ID, 2**256 - 1, 1), p.arbiter)
+    assert remaining(chain) == FUNDED
+    assert chain.balance(p.seller) == 0
 
 
 def test_release_of_nothing_or_of_an_unknown_escrow_is_refused(chain: Chain) -> None:
@@ -151,6 +161,8 @@ def test_release_of_nothing_or_of_an_unknown_escrow_is_refused(chain: Chain) -> 
         chain.send(chain.escrow.functions.release(ESCROW_ID, 0, 0), p.arbiter)
     with chain.reverts("UnknownEscrow", id=b"\x02" * 32):
         chain.send(chain.escrow.functions.release(b"\x02" * 32, 1, 0), p.arbiter)
+    assert remaining(chain) == FUNDED
+    assert chain.balance(chain.escrow.address) == FUNDED
 
 
 def test_release_after_a_full_refund_is_refused(chain: Chain) -> None:
@@ -180,8 +192,11 @@ def test_nobody_but_an_arbiter_or_the_buyer_refunds_even_after_the_grace(chain: 
     deadline = fund(chain)
     chain.next_block_at(deadline + GRACE_S + 1)
     caller = getattr(p, who)
+    buyer_before = chain.balance(p.buyer)
     with chain.reverts("AccessControlUnauthorizedAccount", account=caller, neededRole=ARBITER_ROLE):
         chain.send(chain.escrow.functions.refund(ESCROW_ID, 1), caller)
+    assert remaining(chain) == FUNDED
+    assert chain.balance(p.buyer) == buyer_before
 
 
 def test_arbiter_refunds_in_parts_at_any_time(chain: Chain) -> None:
@@ -296,5 +311,8 @@ def test_constructor_refuses_zero_addresses(chain: Chain) -> None:
         (chain.token.address, zero, p.fees, GRACE_S),
         (chain.token.address, p.admin, zero, GRACE_S),
     ):
+        nonce = chain.w3.eth.get_transaction_count(p.admin)
         with chain.reverts("ZeroAddress"):
             deploy(chain.w3, "TraceEscrow", *args, sender=p.admin)
+        # Refused before anything was sent: no contract, no transaction from the deployer.
+        assert chain.w3.eth.get_transaction_count(p.admin) == nonce

@@ -306,7 +306,10 @@ def test_bad_requests_are_refused(
 
 
 def test_deciding_an_unknown_write_off_is_refused(q: Queue) -> None:
-    _refused_unchanged(q, NotFound, "unknown_writeoff", decide_writeoff, 12345, approve=True, actor=BOB)
+    refusal = _refused_unchanged(
+        q, NotFound, "unknown_writeoff", decide_writeoff, 12345, approve=True, actor=BOB
+    )
+    assert "12345" in refusal.message
 
 
 # -- the rules in PostgreSQL itself -----------------------------------------------------------

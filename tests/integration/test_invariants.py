@@ -868,7 +868,8 @@ def test_checking_entries_early_refuses_them_at_once(ledger: Ledger) -> None:
 )
 def test_the_app_role_cannot_touch_the_pending_entry_checks(ledger: Ledger, sql: str) -> None:
     with ledger.connect(app=True) as conn:
-        refused(conn, pg.InsufficientPrivilege, sql)
+        error = refused(conn, pg.InsufficientPrivilege, sql)
+    assert "ledger_entry_checks" in str(error)
 
 
 def test_ledger_xid8_names_the_current_transaction_whatever_the_search_path(ledger: Ledger) -> None:
