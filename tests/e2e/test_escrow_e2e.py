@@ -9,89 +9,41 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import sqlalchemy as sa
 from eth_account.signers.local import LocalAccount
-from flask.testing import FlaskClient
 from web3 import Web3
 
-from admin_api.app import close_app, create_app
-from admin_api.auth import create_api_key
-from contracts.anvil import AnvilNode, start_anvil
 from contracts.bindings import contract_at, transact
-from contracts.deploy import deploy_platform
-from contracts.deployment import Deployment
-from ledger import custody, db
+from ledger import custody
 from ledger.accounts import get_account
 from ledger.escrow import attestation, party
-from ledger.settings import load_settings
 from tests.books import assert_books_balance
-from tests.conftest import APP_ROLE, Databases
-from tests.e2e.kit import own_redis_db
+from tests.conftest import Databases
+from tests.e2e.kit import BIN, TRACE, World, running_platform
 
 REDIS_DB = 12  # this module's own Redis database
-BIN = Path(sys.executable).parent
-TRACE = 10**18
 APPROVAL_ABOVE = 50 * TRACE
 ATTESTORS = {n: attestation.generate_attestor(n.encode().ljust(32, b"#")) for n in ("carrier", "customs")}
-WAIT_S = 90.0
 
 
-class Platform:
+class Platform(World):
     """The deployed contracts, the running processes, the API and the parties."""
 
-    def __init__(
-        self,
-        anvil: AnvilNode,
-        deployment: Deployment,
-        engine: sa.Engine,
-        client: FlaskClient,
-        keys: dict[str, str],
-        attestor_ids: list[int],
-    ) -> None:
-        self.anvil = anvil
-        self.w3 = Web3(Web3.HTTPProvider(anvil.url))
-        self.deployment = deployment
-        self.engine = engine
-        self.client = client
-        self.keys = keys
-        self.attestor_ids = attestor_ids
-        accounts = anvil.accounts
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.attestor_ids: list[int] = []
+        accounts = self.anvil.accounts
         self.deployer, self.signer, self.fees = accounts[0], accounts[1], accounts[2]
         self.buyer, self.seller, self.other = accounts[3], accounts[4], accounts[5]
-        self.token = contract_at(self.w3, "TraceToken", deployment.token)
-        self.escrow_contract = contract_at(self.w3, "TraceEscrow", deployment.escrow)
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.env: dict[str, str] = {}
-
-    # -- processes ---------------------------------------------------------------------------
-
-    def start(self, name: str, *args: str) -> None:
-        self.processes[name] = subprocess.Popen(
-            [str(BIN / "tracechain"), *args],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        process = self.processes.pop(name)
-        os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        self.token = contract_at(self.w3, "TraceToken", self.deployment.token)
+        self.escrow_contract = contract_at(self.w3, "TraceEscrow", self.deployment.escrow)
 
     # -- the API -----------------------------------------------------------------------------
 
@@ -139,16 +91,6 @@ class Platform:
         return int(self.token.functions.balanceOf(Web3.to_checksum_address(address)).call())
 
     # -- waiting and checking ------------------------------------------------------------------
-
-    def wait_for(self, what: str, check: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            if check():
-                return
-            for name, process in self.processes.items():
-                assert process.poll() is None, f"{name} exited with {process.returncode}"
-            time.sleep(0.25)
-        raise AssertionError(f"timed out waiting for {what}")
 
     def open_chain_actions(self) -> int:
         with self.engine.connect() as conn:
@@ -249,63 +191,24 @@ class Platform:
 def platform(
     databases: Databases, template_db: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Platform]:
+    env = {
+        "TRACE_ESCROW_SWEEP_INTERVAL_S": "1",
+        "TRACE_ESCROW_APPROVAL_ABOVE": str(APPROVAL_ABOVE),
+        "TRACE_ESCROW_DISPUTE_EXTENSION_S": str(7 * 86_400),
+    }
+    keys = {"operator": "operator", "finance": "finance", "finance2": "finance", "auditor": "auditor"}
     work = tmp_path_factory.mktemp("escrow-e2e")
-    broker = own_redis_db(redis_url, REDIS_DB)
-    redis.Redis.from_url(broker).flushdb()
-    database_url = databases.url(databases.create(template=template_db))
-    engine = db.make_engine(database_url, role=APP_ROLE, pool_size=4)
-    with start_anvil(block_time_s=1.0) as anvil:
-        w3 = Web3(Web3.HTTPProvider(anvil.url))
-        deployer, signer, fees, buyer = anvil.accounts[:4]
-        deployment = deploy_platform(w3, deployer, signer=signer.address, fee_wallet=fees.address)
-        deployment_file = work / "deployment.json"
-        deployment.save(deployment_file)
-        token = contract_at(w3, "TraceToken", deployment.token)
-        transact(w3, token.functions.mint(buyer.address, 10_000 * TRACE), signer)
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("TRACE_")},
-            "TRACE_DATABASE_URL": database_url,
-            "TRACE_REDIS_URL": broker,
-            "TRACE_RPC_URL": anvil.url,
-            "TRACE_DATA_DIR": str(work),
-            "TRACE_DEPLOYMENT_FILE": str(deployment_file),
-            "TRACE_SIGNER_KEY": anvil.private_keys[1],
-            "TRACE_CONFIRMATIONS": "1",
-            "TRACE_INDEXER_INTERVAL_S": "0.5",
-            "TRACE_SENDER_INTERVAL_S": "0.5",
-            "TRACE_ESCROW_SWEEP_INTERVAL_S": "1",
-            "TRACE_ESCROW_APPROVAL_ABOVE": str(APPROVAL_ABOVE),
-            "TRACE_ESCROW_DISPUTE_EXTENSION_S": str(7 * 86_400),
-            "TRACE_LOG_LEVEL": "WARNING",
-        }
-        settings = load_settings(env)
-        app = create_app(settings, engine=engine)
-        with engine.begin() as conn:
-            keys = {
-                "operator": create_api_key(conn, "operator", "e2e operator"),
-                "finance": create_api_key(conn, "finance", "e2e finance"),
-                "finance2": create_api_key(conn, "finance", "e2e second finance"),
-                "auditor": create_api_key(conn, "auditor", "e2e auditor"),
-            }
-        world = Platform(anvil, deployment, engine, app.test_client(), keys, [])
-        world.env = env
+    with running_platform(
+        Platform, databases, template_db, redis_url, work, redis_db=REDIS_DB, keys=keys, env=env
+    ) as world:
+        transact(world.w3, world.token.functions.mint(world.buyer.address, 10_000 * TRACE), world.signer)
         for name, (_, pubkey, pop) in ATTESTORS.items():
             registered = world.post(
                 "/attestors",
                 {"name": name, "pubkey": "0x" + pubkey.hex(), "proof_of_possession": "0x" + pop.hex()},
             )
             world.attestor_ids.append(registered["id"])
-        world.start("worker", "worker", "--concurrency", "2")
-        world.start("sender", "sender")
-        world.start("beat", "beat", "--schedule-file", str(work / "beat-schedule"))
-        try:
-            yield world
-        finally:
-            for name in list(world.processes):
-                world.kill(name, signal.SIGTERM)
-            close_app(app)
-            engine.dispose()
-            redis.Redis.from_url(broker).flushdb()
+        yield world
 
 
 def test_fund_attest_release_through_the_workers(platform: Platform) -> None:

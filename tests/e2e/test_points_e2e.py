@@ -6,71 +6,37 @@ nothing: every event counts once, and the books balance."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 import sqlalchemy as sa
-from celery import Celery
-from flask.testing import FlaskClient
-from web3 import Web3
 
-from admin_api.app import close_app, create_app
-from admin_api.auth import create_api_key
-from contracts.anvil import start_anvil
 from contracts.bindings import contract_at
-from contracts.deploy import deploy_platform
-from ledger import custody, db
+from ledger import custody
 from ledger.escrow import party
 from ledger.points import claims
 from ledger.settings import load_settings
 from tests.books import assert_books_balance, totals
-from tests.conftest import APP_ROLE, Databases
-from tests.e2e.kit import own_redis_db
+from tests.conftest import Databases
+from tests.e2e.kit import TRACE, World, running_platform
 from workers.app import TASK_POINTS_INGEST, make_celery
 
 REDIS_DB = 10  # this module's own Redis database
-BIN = Path(sys.executable).parent
-TRACE = 10**18
-WAIT_S = 240.0
 
 
-class Platform:
-    def __init__(self, client: FlaskClient, engine: sa.Engine, keys: dict[str, str], celery: Celery) -> None:
-        self.client = client
-        self.engine = engine
-        self.keys = keys
-        self.celery = celery
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.env: dict[str, str] = {}
-        self.token: Any = None
-        self.wallet: Any = None
-        self.chain: claims.Chain | None = None
+class Platform(World):
+    WAIT_S = 240.0
 
-    def start(self, name: str, *args: str) -> None:
-        self.processes[name] = subprocess.Popen(
-            [str(BIN / "tracechain"), *args],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        process = self.processes.pop(name)
-        os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.celery = make_celery(load_settings(self.env))
+        self.token = contract_at(self.w3, "TraceToken", self.deployment.token)
+        self.wallet = self.anvil.accounts[3]
+        self.chain = claims.Chain(self.deployment.chain_id, self.deployment.token, self.deployment.treasury)
 
     def call(
         self, method: str, path: str, body: Any = None, role: str | None = "admin", expect: int = 200
@@ -83,16 +49,6 @@ class Platform:
     def send_batch(self, events: list[dict[str, Any]]) -> None:
         self.celery.send_task(TASK_POINTS_INGEST, args=[events])
 
-    def wait_for(self, what: str, check: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            if check():
-                return
-            for name, process in self.processes.items():
-                assert process.poll() is None, f"{name} exited with {process.returncode}"
-            time.sleep(0.25)
-        raise AssertionError(f"timed out waiting for {what}")
-
     def scalar(self, sql: str, **params: Any) -> Any:
         with self.engine.connect() as conn:
             return conn.execute(sa.text(sql), params).scalar_one()
@@ -103,52 +59,12 @@ def platform(
     databases: Databases, template_db: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Platform]:
     work = tmp_path_factory.mktemp("points-e2e")
-    broker = own_redis_db(redis_url, REDIS_DB)
-    redis.Redis.from_url(broker).flushdb()
-    database_url = databases.url(databases.create(template=template_db))
-    engine = db.make_engine(database_url, role=APP_ROLE, pool_size=4)
-    with start_anvil(block_time_s=1.0) as anvil:
-        w3 = Web3(Web3.HTTPProvider(anvil.url))
-        deployer, signer, fees = anvil.accounts[:3]
-        deployment = deploy_platform(w3, deployer, signer=signer.address, fee_wallet=fees.address)
-        deployment.save(work / "deployment.json")
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("TRACE_")},
-            "TRACE_DATABASE_URL": database_url,
-            "TRACE_REDIS_URL": broker,
-            "TRACE_RPC_URL": anvil.url,
-            "TRACE_DATA_DIR": str(work),
-            "TRACE_DEPLOYMENT_FILE": str(work / "deployment.json"),
-            "TRACE_SIGNER_KEY": anvil.private_keys[1],
-            "TRACE_CONFIRMATIONS": "1",
-            "TRACE_INDEXER_INTERVAL_S": "0.5",
-            "TRACE_SENDER_INTERVAL_S": "0.5",
-            "TRACE_POINTS_PER_TRACE": "100",
-            "TRACE_POINTS_EXPIRY_INTERVAL_S": "1",
-            "TRACE_LOG_LEVEL": "WARNING",
-        }
-        settings = load_settings(env)
-        app = create_app(settings, engine=engine)
-        with engine.begin() as conn:
-            keys = {
-                role: create_api_key(conn, role, f"e2e {role}") for role in ("admin", "operator", "finance")
-            }
-        world = Platform(app.test_client(), engine, keys, make_celery(settings))
-        world.env = env
-        world.token = contract_at(w3, "TraceToken", deployment.token)
-        world.wallet = anvil.accounts[3]
-        world.chain = claims.Chain(deployment.chain_id, deployment.token, deployment.treasury)
-        world.start("worker", "worker", "--concurrency", "2")
-        world.start("sender", "sender")
-        world.start("beat", "beat", "--schedule-file", str(work / "beat-schedule"))
-        try:
-            yield world
-        finally:
-            for name in list(world.processes):
-                world.kill(name, signal.SIGTERM)
-            close_app(app)
-            engine.dispose()
-            redis.Redis.from_url(broker).flushdb()
+    keys = {"admin": "admin", "operator": "operator", "finance": "finance"}
+    env = {"TRACE_POINTS_PER_TRACE": "100", "TRACE_POINTS_EXPIRY_INTERVAL_S": "1"}
+    with running_platform(
+        Platform, databases, template_db, redis_url, work, redis_db=REDIS_DB, keys=keys, env=env
+    ) as world:
+        yield world
 
 
 def _setup(platform: Platform, tag: str, wallet: str | None) -> str:

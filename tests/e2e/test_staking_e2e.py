@@ -14,21 +14,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 import sqlalchemy as sa
-from web3 import Web3
 
-from admin_api.app import close_app, create_app
-from admin_api.auth import create_api_key
-from contracts.anvil import start_anvil
 from contracts.bindings import contract_at, transact
-from contracts.deploy import deploy_platform
-from ledger import db
 from ledger.escrow import party
-from ledger.settings import load_settings
-from tests.conftest import APP_ROLE, Databases
-from tests.e2e.kit import own_redis_db
-from tests.e2e.test_escrow_e2e import BIN, TRACE, Platform
+from tests.conftest import Databases
+from tests.e2e.kit import BIN, TRACE, running_platform
+from tests.e2e.test_escrow_e2e import Platform
 
 REDIS_DB = 11  # this module's own Redis database
 RATE = 10**16  # base units a second
@@ -83,51 +75,17 @@ def staking(
     databases: Databases, template_db: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Staking]:
     work = tmp_path_factory.mktemp("staking-e2e")
-    broker = own_redis_db(redis_url, REDIS_DB)
-    redis.Redis.from_url(broker).flushdb()
-    database_url = databases.url(databases.create(template=template_db))
-    engine = db.make_engine(database_url, role=APP_ROLE, pool_size=4)
-    with start_anvil(block_time_s=1.0) as anvil:
-        w3 = Web3(Web3.HTTPProvider(anvil.url))
-        deployer, signer, fees, staker = anvil.accounts[:4]
-        deployment = deploy_platform(w3, deployer, signer=signer.address, fee_wallet=fees.address)
-        deployment_file = work / "deployment.json"
-        deployment.save(deployment_file)
-        token = contract_at(w3, "TraceToken", deployment.token)
-        transact(w3, token.functions.mint(staker.address, 1_000 * TRACE), signer)
-        transact(w3, token.functions.mint(signer.address, 1_000 * TRACE), signer)  # the treasury's funds
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("TRACE_")},
-            "TRACE_DATABASE_URL": database_url,
-            "TRACE_REDIS_URL": broker,
-            "TRACE_RPC_URL": anvil.url,
-            "TRACE_DATA_DIR": str(work),
-            "TRACE_DEPLOYMENT_FILE": str(deployment_file),
-            "TRACE_SIGNER_KEY": anvil.private_keys[1],
-            "TRACE_CONFIRMATIONS": "1",
-            "TRACE_INDEXER_INTERVAL_S": "0.5",
-            "TRACE_SENDER_INTERVAL_S": "0.5",
-            "TRACE_STAKING_TICK_INTERVAL_S": "1",
-            "TRACE_LOG_LEVEL": "WARNING",
-        }
-        app = create_app(load_settings(env), engine=engine)
-        with engine.begin() as conn:
-            keys = {
-                role: create_api_key(conn, role, f"staking e2e {role}") for role in ("finance", "auditor")
-            }
-        world = Staking(anvil, deployment, engine, app.test_client(), keys, [])
-        world.env = env
-        world.start("worker", "worker", "--concurrency", "2")
-        world.start("sender", "sender")
-        world.start("beat", "beat", "--schedule-file", str(work / "beat-schedule"))
-        try:
-            yield world
-        finally:
-            for name in list(world.processes):
-                world.kill(name, signal.SIGTERM)
-            close_app(app)
-            engine.dispose()
-            redis.Redis.from_url(broker).flushdb()
+    keys = {"finance": "finance", "auditor": "auditor"}
+    env = {"TRACE_STAKING_TICK_INTERVAL_S": "1"}
+    with running_platform(
+        Staking, databases, template_db, redis_url, work, redis_db=REDIS_DB, keys=keys, env=env
+    ) as world:
+        staker, signer = world.buyer, world.signer
+        transact(world.w3, world.token.functions.mint(staker.address, 1_000 * TRACE), signer)
+        transact(
+            world.w3, world.token.functions.mint(signer.address, 1_000 * TRACE), signer
+        )  # the treasury's
+        yield world
 
 
 def test_stake_accrue_claim_and_compound_through_the_workers(staking: Staking) -> None:
