@@ -223,3 +223,14 @@ def ledger_check(check: Callable[[Any], object]) -> Callable[[Any], None]:
             raise ma.ValidationError(exc.message) from exc
 
     return validate
+
+
+def signed_int(request: Mapping[str, Any], name: str) -> int:
+    """An integer field of a signed party request: a JSON number or a string of up to 78 digits
+    (any uint256); anything else is refused naming ``request.{name}``."""
+    value = request.get(name)
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 78:
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"request.{name} must be an integer")
+    return value

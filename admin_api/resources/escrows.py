@@ -27,6 +27,7 @@ from admin_api.resources import (
     StrictSchema,
     ledger_state,
     page_limit,
+    signed_int,
 )
 from ledger import audit, custody
 from ledger.audit import Actor, AuditRecord
@@ -273,16 +274,6 @@ def _created(escrow: service.Escrow, status: str) -> tuple[dict[str, Any], int]:
     return body, 201 if status == "created" else 200
 
 
-def _int_field(request: Mapping[str, Any], name: str) -> int:
-    """An integer field of a signed request: a JSON number or a string of digits."""
-    value = request.get(name)
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 78:
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"request.{name} must be an integer")
-    return value
-
-
 def _fields(request: Mapping[str, Any], names: tuple[str, ...]) -> None:
     unknown = sorted(set(request) - set(names))
     missing = sorted(set(names) - set(request))
@@ -432,15 +423,15 @@ def create_escrow_signed(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
     request = party.CreateEscrowRequest(
         key=raw["key"],
         seller=raw["seller"],
-        amount=_int_field(raw, "amount"),
-        fee_bps=_int_field(raw, "feeBps"),
-        deadline=_int_field(raw, "deadline"),
+        amount=signed_int(raw, "amount"),
+        fee_bps=signed_int(raw, "feeBps"),
+        deadline=signed_int(raw, "deadline"),
         delivery_ref=raw["deliveryRef"],
-        attestors=tuple(_int_field({"a": a}, "a") for a in attestors),
-        threshold=_int_field(raw, "threshold"),
+        attestors=tuple(signed_int({"a": a}, "a") for a in attestors),
+        threshold=signed_int(raw, "threshold"),
         auto_release=raw["autoRelease"],
-        nonce=_int_field(raw, "nonce"),
-        expiry=_int_field(raw, "expiry"),
+        nonce=signed_int(raw, "nonce"),
+        expiry=signed_int(raw, "expiry"),
     )
     if request.fee_bps != state.settings.escrow_fee_bps:
         raise InvalidInput(f"feeBps must be the platform's fee, {state.settings.escrow_fee_bps}")
@@ -643,8 +634,8 @@ def open_dispute_signed(body: dict[str, Any], escrow_id: str) -> tuple[dict[str,
     request = party.OpenDisputeRequest(
         escrow_id=raw["escrowId"],
         reason=raw["reason"],
-        nonce=_int_field(raw, "nonce"),
-        expiry=_int_field(raw, "expiry"),
+        nonce=signed_int(raw, "nonce"),
+        expiry=signed_int(raw, "expiry"),
     )
     if request.escrow_id != escrow_id:
         raise InvalidInput("the signed request names another escrow")

@@ -17,7 +17,7 @@ import marshmallow as ma
 
 from admin_api.auth import MANAGE_ROLES, POSTING_ROLES, READ_ROLES, current_actor, require_roles
 from admin_api.errors import documents_problems
-from admin_api.resources import BaseUnits, Blueprint, StrictSchema, ledger_state, page_limit
+from admin_api.resources import BaseUnits, Blueprint, StrictSchema, ledger_state, page_limit, signed_int
 from ledger import audit
 from ledger.audit import Actor, AuditRecord
 from ledger.errors import InvalidInput
@@ -341,24 +341,15 @@ def create_signed_claim(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
         raise InvalidInput(f"request fields must be exactly {list(names)}")
     request = claims.ClaimPointsRequest(
         participant=raw["participant"],
-        points=_int_field(raw, "points"),
-        nonce=_int_field(raw, "nonce"),
-        expiry=_int_field(raw, "expiry"),
+        points=signed_int(raw, "points"),
+        nonce=signed_int(raw, "nonce"),
+        expiry=signed_int(raw, "expiry"),
     )
     with state.engine.begin() as conn:
         claim, status = claims.create_signed_claim(
             conn, chain, request, body["signature"], state.settings.points_per_trace, datetime.now(UTC)
         )
     return claim.as_dict(), 201 if status == "created" else 200
-
-
-def _int_field(request: Mapping[str, Any], name: str) -> int:
-    value = request.get(name)
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 78:
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"request.{name} must be an integer")
-    return value
 
 
 @blp.route("/points/claims", methods=["GET"])

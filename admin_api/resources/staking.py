@@ -25,6 +25,7 @@ from admin_api.resources import (
     id_cursor,
     ledger_state,
     page_limit,
+    signed_int,
 )
 from admin_api.resources.escrows import Units
 from ledger import audit
@@ -189,16 +190,6 @@ def _now_s() -> int:
 
 def _audit(actor: Actor, action: str, target: str, before: Any, after: Any) -> AuditRecord:
     return AuditRecord(actor, action, target, before, after)
-
-
-def _int_field(request: dict[str, Any], name: str) -> int:
-    """An integer field of a signed request: a JSON number or a string of digits."""
-    value = request.get(name)
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 78:
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"request.{name} must be an integer")
-    return value
 
 
 # -- pools ----------------------------------------------------------------------------------
@@ -368,11 +359,11 @@ def claim(body: dict[str, Any], address: str) -> tuple[dict[str, Any], int]:
     if not isinstance(compound, bool):
         raise InvalidInput("request.compound must be true or false")
     request = party.ClaimRewardsRequest(
-        pool_id=_int_field(raw, "poolId"),
-        amount=_int_field(raw, "amount"),
+        pool_id=signed_int(raw, "poolId"),
+        amount=signed_int(raw, "amount"),
         compound=compound,
-        nonce=_int_field(raw, "nonce"),
-        expiry=_int_field(raw, "expiry"),
+        nonce=signed_int(raw, "nonce"),
+        expiry=signed_int(raw, "expiry"),
     )
     party.require_signer(
         request,

@@ -18,8 +18,10 @@ import sqlalchemy as sa
 
 from ledger import db
 from ledger.points import claims, ingest
+from tests import rawsql
 from tests.conftest import APP_ROLE, Databases
 from tests.points_kit import make_world
+from tests.rawsql import accepted
 
 CHECK_VIOLATION = "23514"
 INSUFFICIENT_PRIVILEGE = "42501"
@@ -79,23 +81,7 @@ def books(databases: Databases, template_db: str) -> Iterator[Books]:
 
 def refused(engine: sa.Engine, sql: str, params: dict[str, Any] | None = None) -> psycopg.Error:
     """``sql`` fails (at the statement or at commit); nothing stays either way."""
-    with engine.connect() as conn:
-        conn.begin()
-        with pytest.raises(sa.exc.DBAPIError) as info:
-            conn.execute(sa.text(sql), params or {})
-            conn.commit()
-        conn.rollback()
-    error = info.value.orig
-    assert isinstance(error, psycopg.Error), repr(info.value)
-    return error
-
-
-def accepted(engine: sa.Engine, sql: str, params: dict[str, Any] | None = None) -> int:
-    with engine.connect() as conn:
-        conn.begin()
-        touched = conn.execute(sa.text(sql), params or {}).rowcount
-        conn.rollback()
-    return int(touched)
+    return rawsql.refused(engine, sql, params, at_commit=True)
 
 
 _EVENT = (
