@@ -612,33 +612,31 @@ class Day:
         )
         return self.reconcile(first_exception)
 
-    def _last_exception_id(self) -> int:
-        last = 0
-        after: int | None = None
-        while True:
-            query = f"/exceptions?limit={PAGE}{'' if after is None else f'&after={after}'}"
-            page = self.c.get(query)
-            if page["items"]:
-                last = int(page["items"][-1]["id"])
-            if page["next"] is None:
-                return last
-            after = int(page["next"])
-
-    def _open_exceptions(self, after: int) -> list[dict[str, Any]]:
+    def _exceptions(self, *, after: int = 0, status: str | None = None) -> list[dict[str, Any]]:
+        """The exceptions queue after id ``after``, oldest first, read a page at a time."""
         found: list[dict[str, Any]] = []
         cursor = after
         while True:
-            page = self.c.get(f"/exceptions?status=open&limit={PAGE}&after={cursor}")
+            query = f"/exceptions?limit={PAGE}&after={cursor}" + (f"&status={status}" if status else "")
+            page = self.c.get(query)
             found.extend(page["items"])
             if page["next"] is None:
                 return found
             cursor = int(page["next"])
 
+    def _last_exception_id(self) -> int:
+        every = self._exceptions()
+        return int(every[-1]["id"]) if every else 0
+
+    def _open_exceptions(self, after: int) -> list[dict[str, Any]]:
+        return self._exceptions(after=after, status="open")
+
     def reconcile(self, first_exception: int) -> dict[str, Any]:
         c = self.c
         run = c.call("POST", "/reconciliation/runs", {}, role="finance")
-        exceptions = self._open_exceptions(first_exception)
-        earlier = len(self._open_exceptions(0)) - len(exceptions)
+        still_open = self._open_exceptions(0)
+        exceptions = [e for e in still_open if int(e["id"]) > first_exception]
+        earlier = len(still_open) - len(exceptions)
         reserves = c.get(f"/reconciliation/reserves?at_block={run['to_block']}")
         expected = self.summary["unexplained_transfer"]["tx_hash"]
         checks = {
